@@ -1,0 +1,444 @@
+"""Typed configuration: the YAML file, validated up front.
+
+Every section is a frozen dataclass. Parsing collects every problem with its path
+(`routes[2].ttl: expected a duration like "24h", got "tomorrow"`) and raises them
+together, so an operator fixes a broken file in one pass instead of one error per start.
+Unknown keys are errors: a typo such as `requier_key` must not silently weaken a route.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
+DEFAULT_UPSTREAM = "http://127.0.0.1:9000"
+DEFAULT_STORE_URL = "memory://"
+DEFAULT_STORE_TIMEOUT = 0.5
+DEFAULT_NAMESPACE = "default"
+DEFAULT_MEMORY_MAX_RECORDS = 100_000
+DEFAULT_MEMORY_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_SHUTDOWN_GRACE = 30.0
+DEFAULT_BODY_READ_TIMEOUT = 30.0
+
+ENV_STORE_URL = "IDEMPOTENCY_PROXY_STORE_URL"
+ENV_LISTEN = "IDEMPOTENCY_PROXY_LISTEN"
+ENV_ADMIN_LISTEN = "IDEMPOTENCY_PROXY_ADMIN_LISTEN"
+ENV_ADMIN_TOKEN = "IDEMPOTENCY_PROXY_ADMIN_TOKEN"
+ENV_LOG_LEVEL = "IDEMPOTENCY_PROXY_LOG_LEVEL"
+
+KEY_MAX_LENGTH = 255
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+OnConcurrent = Literal["reject", "wait"]
+OnUnknownOutcome = Literal["reject", "retry"]
+FailMode = Literal["closed", "open"]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every one with its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """What the proxy does for requests whose path matches `path`."""
+
+    path: str
+    id: str
+    upstream: str
+    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    key_header: str = "Idempotency-Key"
+    require_key: bool = False
+    ttl: float = 24 * 3600.0
+    lease: float = 10.0
+    on_concurrent: OnConcurrent = "reject"
+    wait_timeout: float = 10.0
+    on_unknown_outcome: OnUnknownOutcome = "reject"
+    scope_headers: tuple[str, ...] = ("Authorization",)
+    release_statuses: frozenset[int] = frozenset({429, 503})
+    upstream_timeout: float = 30.0
+    max_request_body: int = 1024 * 1024
+    max_stored_response: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = DEFAULT_STORE_URL
+    fail_mode: FailMode = "closed"
+    timeout: float = DEFAULT_STORE_TIMEOUT
+    namespace: str = DEFAULT_NAMESPACE
+    max_records: int = DEFAULT_MEMORY_MAX_RECORDS
+    max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[str, int]
+    admin_listen: tuple[str, int]
+    upstream: str
+    store: StoreConfig
+    routes: tuple[RoutePolicy, ...]
+    defaults: RoutePolicy
+    admin_token: str | None = None
+    log_level: str = "info"
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT
+    source: str = field(default="<defaults>", compare=False)
+
+
+# --- value parsers: each returns the parsed value or raises ValueError with a message ---
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}  # fmt: skip
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def parse_duration(value: object) -> float:
+    """`"500ms"`, `"10s"`, `"5m"`, `"24h"`, `"1d"` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a duration like "24h", got {value!r}')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f'expected a duration like "24h", got "{value}"')
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """`"512KiB"`, `"1MiB"` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a size like "1MiB", got {value!r}')
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f'expected a size like "1MiB" or a number of bytes, got "{value}"')
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size <= 0:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return size
+
+
+def parse_address(value: object) -> tuple[str, int]:
+    """`host:port`, `[::1]:port` or `:port` (all interfaces)."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port", got "{text}"')
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def parse_upstream(value: object) -> str:
+    text = str(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f'expected an http:// or https:// URL, got "{value}"')
+    if parts.query or parts.fragment or parts.path:
+        raise ValueError(f'expected scheme://host:port without a path, got "{value}"')
+    return text
+
+
+def parse_store_url(value: object) -> str:
+    text = str(value)
+    scheme = urlsplit(text).scheme
+    if scheme not in ("memory", "redis", "rediss", "unix"):
+        raise ValueError(f'expected memory://, redis://, rediss:// or unix://, got "{text}"')
+    return text
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in allowed:
+            options = " or ".join(repr(a) for a in allowed)
+            raise ValueError(f"expected {options}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _methods(value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of methods, got {value!r}")
+    methods = set()
+    for item in value:
+        if not isinstance(item, str) or not _TOKEN.match(item):
+            raise ValueError(f"expected HTTP method names, got {item!r}")
+        methods.add(item.upper())
+    return frozenset(methods)
+
+
+def _header_name(value: object) -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise ValueError(f"expected a header name, got {value!r}")
+    return value
+
+
+def _header_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of header names, got {value!r}")
+    return tuple(_header_name(item) for item in value)
+
+
+def _statuses(value: object) -> frozenset[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in value
+    ):
+        raise ValueError(f"expected a list of HTTP status codes, got {value!r}")
+    return frozenset(value)
+
+
+def _route_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f'expected a path starting with "/", got {value!r}')
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _positive_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"expected a positive whole number, got {value!r}")
+    return value
+
+
+# Field name in YAML -> parser. The same table drives `defaults` and each route.
+_POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
+    "methods": _methods,
+    "key_header": _header_name,
+    "require_key": _bool,
+    "ttl": parse_duration,
+    "lease": parse_duration,
+    "on_concurrent": _choice("reject", "wait"),
+    "wait_timeout": parse_duration,
+    "on_unknown_outcome": _choice("reject", "retry"),
+    "scope_headers": _header_names,
+    "release_statuses": _statuses,
+    "upstream_timeout": parse_duration,
+    "max_request_body": parse_size,
+    "max_stored_response": parse_size,
+    "upstream": parse_upstream,
+}
+_ROUTE_ONLY_FIELDS: dict[str, Callable[[object], Any]] = {"path": _route_path, "id": _text}
+_STORE_FIELDS: dict[str, Callable[[object], Any]] = {
+    "url": parse_store_url,
+    "fail_mode": _choice("closed", "open"),
+    "timeout": parse_duration,
+    "namespace": _text,
+    "max_records": _positive_int,
+    "max_bytes": parse_size,
+}
+_TOP_FIELDS: dict[str, Callable[[object], Any]] = {
+    "listen": parse_address,
+    "admin_listen": parse_address,
+    "upstream": parse_upstream,
+    "admin_token": _text,
+    "log_level": _choice(*LOG_LEVELS),
+    "shutdown_grace": parse_duration,
+    "body_read_timeout": parse_duration,
+}
+_SECTIONS = ("store", "defaults", "routes")
+
+
+class _Collector:
+    """Parses fields of one mapping, recording problems instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def section(
+        self, path: str, raw: object, fields: Mapping[str, Callable[[object], Any]],
+        extra: tuple[str, ...] = (),
+    ) -> dict[str, Any]:  # fmt: skip
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problems.append(f"{path or '<top>'}: expected a mapping, got {raw!r}")
+            return {}
+        parsed: dict[str, Any] = {}
+        for name, value in raw.items():
+            where = f"{path}.{name}" if path else str(name)
+            if name in extra:
+                continue
+            parser = fields.get(name)
+            if parser is None:
+                self.problems.append(f"{where}: unknown key")
+                continue
+            try:
+                parsed[name] = parser(value)
+            except ValueError as exc:
+                self.problems.append(f"{where}: {exc}")
+        return parsed
+
+    def check_timing(self, path: str, policy: RoutePolicy) -> None:
+        if policy.lease > policy.ttl:
+            self.problems.append(f"{path}.lease: must not exceed ttl ({policy.ttl:g}s)")
+
+
+def parse_config(
+    raw: object, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Build a `Config` from parsed YAML, applying environment overrides; raise `ConfigError`."""
+    env = os.environ if env is None else env
+    collector = _Collector()
+    if raw is None:
+        raw = {}
+    top = collector.section("", raw, _TOP_FIELDS, extra=_SECTIONS)
+    mapping = raw if isinstance(raw, dict) else {}
+
+    store_fields = collector.section("store", mapping.get("store"), _STORE_FIELDS)
+    default_fields = collector.section("defaults", mapping.get("defaults"), _POLICY_FIELDS)
+
+    overrides = {
+        ENV_LISTEN: ("listen", parse_address),
+        ENV_ADMIN_LISTEN: ("admin_listen", parse_address),
+        ENV_ADMIN_TOKEN: ("admin_token", _text),
+        ENV_LOG_LEVEL: ("log_level", _choice(*LOG_LEVELS)),
+    }
+    for var, (name, parser) in overrides.items():
+        if env.get(var):
+            try:
+                top[name] = parser(env[var])
+            except ValueError as exc:
+                collector.problems.append(f"{var} (environment): {exc}")
+    if env.get(ENV_STORE_URL):
+        try:
+            store_fields["url"] = parse_store_url(env[ENV_STORE_URL])
+        except ValueError as exc:
+            collector.problems.append(f"{ENV_STORE_URL} (environment): {exc}")
+
+    upstream = top.pop("upstream", DEFAULT_UPSTREAM)
+    defaults = RoutePolicy(path="/*", id="default", upstream=upstream, **default_fields)
+    collector.check_timing("defaults", defaults)
+
+    routes: list[RoutePolicy] = []
+    raw_routes = mapping.get("routes")
+    if raw_routes is None:
+        raw_routes = [{"path": "/*"}]
+    if not isinstance(raw_routes, list):
+        collector.problems.append(f"routes: expected a list of routes, got {raw_routes!r}")
+        raw_routes = []
+    seen_ids: set[str] = set()
+    for index, raw_route in enumerate(raw_routes):
+        where = f"routes[{index}]"
+        fields = collector.section(
+            where, raw_route, _POLICY_FIELDS, extra=tuple(_ROUTE_ONLY_FIELDS)
+        )
+        route_only = {}
+        if isinstance(raw_route, dict):
+            for name, parser in _ROUTE_ONLY_FIELDS.items():
+                if name in raw_route:
+                    try:
+                        route_only[name] = parser(raw_route[name])
+                    except ValueError as exc:
+                        collector.problems.append(f"{where}.{name}: {exc}")
+            if "path" not in raw_route:
+                collector.problems.append(f"{where}.path: required")
+        path = route_only.get("path", "/*")
+        route_id = route_only.get("id", path)
+        if route_id in seen_ids:
+            collector.problems.append(f"{where}.id: {route_id!r} is used by an earlier route")
+        seen_ids.add(route_id)
+        policy = replace(defaults, path=path, id=route_id, **fields)
+        collector.check_timing(where, policy)
+        routes.append(policy)
+
+    if collector.problems:
+        raise ConfigError(collector.problems)
+    return Config(
+        listen=top.get("listen", parse_address(DEFAULT_LISTEN)),
+        admin_listen=top.get("admin_listen", parse_address(DEFAULT_ADMIN_LISTEN)),
+        upstream=upstream,
+        store=StoreConfig(**store_fields),
+        routes=tuple(routes),
+        defaults=defaults,
+        admin_token=top.get("admin_token"),
+        log_level=top.get("log_level", "info"),
+        shutdown_grace=top.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        body_read_timeout=top.get("body_read_timeout", DEFAULT_BODY_READ_TIMEOUT),
+        source=source,
+    )
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; raise `ConfigError` naming every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    return load_config_text(text, source=str(path), env=env)
+
+
+def load_config_text(
+    text: str, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from exc
+    return parse_config(raw, source=source, env=env)
+
+
+def redact_url(url: str) -> str:
+    """The store URL with any password masked, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets masked: logged at start-up."""
+    return {
+        "source": config.source,
+        "listen": "{}:{}".format(*config.listen),
+        "admin_listen": "{}:{}".format(*config.admin_listen),
+        "upstream": config.upstream,
+        "store": {
+            "url": redact_url(config.store.url),
+            "fail_mode": config.store.fail_mode,
+            "timeout": config.store.timeout,
+            "namespace": config.store.namespace,
+        },
+        "admin_token": "***" if config.admin_token else None,
+        "routes": [
+            {"id": r.id, "path": r.path, "upstream": r.upstream, "methods": sorted(r.methods),
+             "require_key": r.require_key, "ttl": r.ttl, "lease": r.lease,
+             "on_concurrent": r.on_concurrent, "on_unknown_outcome": r.on_unknown_outcome}
+            for r in config.routes
+        ],
+    }  # fmt: skip

@@ -1,0 +1,178 @@
+"""The proxy's own errors, each one a problem+json answer (RFC 9457).
+
+Every answer the proxy makes itself has a stable `type` URI, so a client can tell the
+proxy's 409/422 from the upstream's own. Third-party exceptions are translated into this
+tree at one boundary each (`proxy.upstream` for aiohttp, `proxy.store.redis` for redis-py),
+with `raise ... from exc`; the rest of the code only ever catches these.
+
+    ProxyError                      status  type (urn:idempotency-proxy:problem:...)
+    ├── RequestError                        the client's request is at fault
+    │   ├── MissingKey              400     missing-key
+    │   ├── InvalidKey              400     invalid-key
+    │   ├── BodyTimeout             408     body-timeout
+    │   ├── BodyTooLarge            413     body-too-large
+    │   ├── KeyInUse                409     key-in-use           (Retry-After)
+    │   ├── KeyMismatch             422     key-mismatch
+    │   └── ResponseNotReplayable   409     response-not-replayable
+    ├── StoreError                          the store failed; raised by store backends
+    │   └── StoreUnavailable        503     store-unavailable    (Retry-After)
+    ├── UpstreamError                       the upstream exchange failed
+    │   ├── UpstreamUnreachable     502     upstream-unreachable (never delivered)
+    │   ├── UpstreamTimeout         504     upstream-timeout     (outcome unknown)
+    │   └── UpstreamDisconnected    502     upstream-disconnected (outcome unknown)
+    └── OutcomeUnknown              502     outcome-unknown      (first owner died)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import ClassVar
+
+from aiohttp import web
+
+PROBLEM_TYPE_PREFIX = "urn:idempotency-proxy:problem:"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, rendered as problem+json."""
+
+    status: ClassVar[int] = 500
+    outcome: ClassVar[str] = "upstream_error"
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal proxy error"
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+    @property
+    def type(self) -> str:
+        return PROBLEM_TYPE_PREFIX + self.slug
+
+    def to_problem(self) -> dict[str, object]:
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+    def parts(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Status, headers and body of the problem response."""
+        headers = [("Content-Type", PROBLEM_CONTENT_TYPE), ("Cache-Control", "no-store")]
+        if self.retry_after is not None:
+            headers.append(("Retry-After", str(max(1, math.ceil(self.retry_after)))))
+        return self.status, headers, json.dumps(self.to_problem()).encode()
+
+    def render(self) -> web.Response:
+        status, headers, body = self.parts()
+        return web.Response(status=status, body=body, headers=headers)
+
+
+class RequestError(ProxyError):
+    """The client's request cannot be accepted as it is."""
+
+    status = 400
+    outcome = "bad_request"
+
+
+class MissingKey(RequestError):
+    status = 400
+    outcome = "missing_key"
+    slug = "missing-key"
+    title = "Idempotency key required"
+
+
+class InvalidKey(RequestError):
+    status = 400
+    outcome = "invalid_key"
+    slug = "invalid-key"
+    title = "Invalid idempotency key"
+
+
+class BodyTimeout(RequestError):
+    status = 408
+    outcome = "bad_request"
+    slug = "body-timeout"
+    title = "Request body not received in time"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    outcome = "too_large"
+    slug = "body-too-large"
+    title = "Request body too large"
+
+
+class KeyInUse(RequestError):
+    status = 409
+    outcome = "conflict"
+    slug = "key-in-use"
+    title = "A request with this idempotency key is still being processed"
+
+
+class KeyMismatch(RequestError):
+    status = 422
+    outcome = "mismatch"
+    slug = "key-mismatch"
+    title = "Idempotency key reused for a different request"
+
+
+class ResponseNotReplayable(RequestError):
+    status = 409
+    outcome = "replayed"
+    slug = "response-not-replayable"
+    title = "The first request completed, but its response was too large to store"
+
+
+class StoreError(ProxyError):
+    """The idempotency store failed; backends raise this, never their client's errors."""
+
+    status = 503
+    outcome = "store_unavailable"
+    slug = "store-unavailable"
+    title = "Idempotency store unavailable"
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class UpstreamError(ProxyError):
+    """The upstream exchange failed. `delivered` says whether the upstream may have acted."""
+
+    status = 502
+    outcome = "upstream_error"
+    delivered: ClassVar[bool] = True
+
+
+class UpstreamUnreachable(UpstreamError):
+    status = 502
+    outcome = "upstream_error"
+    slug = "upstream-unreachable"
+    title = "Upstream unreachable"
+    delivered = False
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    outcome = "unknown_outcome"
+    slug = "upstream-timeout"
+    title = "Upstream did not answer in time; outcome unknown"
+
+
+class UpstreamDisconnected(UpstreamError):
+    status = 502
+    outcome = "unknown_outcome"
+    slug = "upstream-disconnected"
+    title = "Upstream dropped the connection; outcome unknown"
+
+
+class OutcomeUnknown(ProxyError):
+    status = 502
+    outcome = "unknown_outcome"
+    slug = "outcome-unknown"
+    title = "Outcome of the first request unknown"

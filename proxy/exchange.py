@@ -1,0 +1,79 @@
+"""What one request did, and the middlewares that report it.
+
+The flow fills in an `Exchange` as it goes (route, outcome, key hash, upstream status);
+`observe` turns it into one metric sample and one JSON log line when the request ends,
+however it ends. `render_problems` turns any `ProxyError` into problem+json.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy import logs, metrics
+from proxy.errors import ProxyError
+
+UNROUTED = "unrouted"
+
+
+@dataclass(slots=True)
+class Exchange:
+    route: str = UNROUTED
+    outcome: str = "passthrough"
+    record: str | None = None
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and log every request once, including those whose client went away."""
+    exchange = Exchange()
+    request[EXCHANGE] = exchange
+    status = 499  # nginx's "client closed request", if the handler never returns
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        elapsed = time.perf_counter() - exchange.started
+        metrics.observe_request(exchange.route, request.method, exchange.outcome, elapsed)
+        if exchange.upstream_seconds is not None:
+            metrics.observe_upstream(exchange.route, exchange.upstream_seconds)
+        logs.access({
+            "route": exchange.route,
+            "method": request.method,
+            "path": request.path,
+            "outcome": exchange.outcome,
+            "status": status,
+            "key_hash": exchange.record,
+            "upstream_status": exchange.upstream_status,
+            "upstream_ms": None if exchange.upstream_seconds is None
+            else round(exchange.upstream_seconds * 1000, 3),
+            "latency_ms": round(elapsed * 1000, 3),
+            "request_id": request.headers.get("X-Request-Id") or os.urandom(8).hex(),
+        })  # fmt: skip
+
+
+@web.middleware
+async def render_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer any `ProxyError` that escapes the flow as problem+json."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        exchange = request.get(EXCHANGE)
+        if exchange is not None:
+            exchange.outcome = exc.outcome
+        return exc.render()
+
+
+# Outermost first.
+MIDDLEWARES: tuple[Middleware, ...] = (observe, render_problems)

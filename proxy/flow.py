@@ -1,0 +1,390 @@
+"""The request path, top to bottom.
+
+    route -> (not protected? stream through) -> key -> body (bounded) -> fingerprint
+          -> store.begin -> acquired: forward (shielded, lease renewed) -> record -> respond
+                            replay:   respond with the stored outcome
+                            in progress: 409, or wait for the result (on_concurrent: wait)
+                            mismatch: 422
+
+One store round trip decides a request; a first attempt costs one more to record it.
+The upstream exchange of a first attempt runs in its own task, so a client that gives up
+does not cancel it: the result is still recorded and the retry replays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from proxy import logs, metrics
+from proxy.config import Config, RoutePolicy
+from proxy.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    KeyInUse,
+    KeyMismatch,
+    MissingKey,
+    OutcomeUnknown,
+    ProxyError,
+    ResponseNotReplayable,
+    StoreError,
+    UpstreamError,
+)
+from proxy.exchange import EXCHANGE, Exchange
+from proxy.keys import STORAGE_PREFIX, fingerprint_request, parse_key, scope_of, storage_key
+from proxy.routing import Router
+from proxy.store.base import (
+    Acquired,
+    Decision,
+    InProgress,
+    Mismatch,
+    Outcome,
+    Replay,
+    Store,
+    StoredResponse,
+)
+from proxy.tasks import spawn
+from proxy.upstream import (
+    exchange,
+    idle_timeout,
+    make_response,
+    read_bounded,
+    request_headers,
+    response_headers,
+    target_url,
+    total_timeout,
+)
+
+REPLAYED = (("Idempotent-Replayed", "true"),)
+_WAIT_FIRST_POLL = 0.005
+_WAIT_MAX_POLL = 0.1
+_CONFLICT_RETRY_AFTER = 1.0
+
+
+@dataclass(slots=True)
+class _Streamed:
+    """A first attempt whose response is too large to store: stream the rest through."""
+
+    upstream: aiohttp.ClientResponse
+    headers: list[tuple[str, str]]
+    prefix: bytes
+    closer: AsyncExitStack
+
+
+class Proxy:
+    """Serves the proxy listener. One instance per config; `reload` swaps routes."""
+
+    def __init__(self, config: Config, store: Store, session: aiohttp.ClientSession) -> None:
+        self.store = store
+        self.session = session
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ex = request[EXCHANGE]
+        route = self.router.match(request.path)
+        if route is None or request.method not in route.methods:
+            if route is not None:
+                ex.route = route.id
+            return await self.stream(request, route or self.config.defaults, ex)
+        ex.route = route.id
+        values = request.headers.getall(route.key_header, ())
+        if not values:
+            if route.require_key:
+                raise MissingKey(
+                    f"{request.method} {route.path} requires a {route.key_header} header"
+                )
+            ex.outcome = "unprotected"
+            return await self.stream(request, route, ex)
+        key = parse_key(values, route.key_header)
+        body = await read_body(request, route.max_request_body, self.config.body_read_timeout)
+        scope = scope_of((name, request.headers.getall(name, ())) for name in route.scope_headers)
+        record = storage_key(self.config.store.namespace, scope, key)
+        ex.record = record[len(STORAGE_PREFIX) :]
+        raw_path, _, query = request.raw_path.partition("?")
+        fingerprint = fingerprint_request(request.method, raw_path, query, body)
+
+        try:
+            decision = await self.store.begin(
+                record, fingerprint, lease=route.lease, ttl=route.ttl,
+                takeover=route.on_unknown_outcome == "retry",
+            )  # fmt: skip
+            if isinstance(decision, InProgress) and route.on_concurrent == "wait":
+                decision = await self.wait(record, fingerprint, route, ex)
+        except StoreError as exc:
+            if self.config.store.fail_mode == "closed":
+                raise
+            logs.event("store unavailable; forwarding unprotected (fail_mode: open)",
+                       route=route.id, key_hash=ex.record, error=exc.detail)  # fmt: skip
+            ex.outcome = "store_unavailable"
+            return await self.stream(request, route, ex, body=body)
+
+        if isinstance(decision, Acquired):
+            return await self.execute(request, route, record, decision, body, ex)
+        if isinstance(decision, Replay):
+            if ex.outcome != "waited":
+                ex.outcome = "replayed"
+            return replay(decision.outcome, route)
+        if isinstance(decision, InProgress):
+            raise KeyInUse(
+                f"a request with this {route.key_header} is still being processed; "
+                "retry later to get its result",
+                retry_after=_CONFLICT_RETRY_AFTER,
+            )
+        assert isinstance(decision, Mismatch)
+        raise KeyMismatch(
+            f"this {route.key_header} was first used with a different request "
+            "(method, path, query or body); use a new key for a new request"
+        )
+
+    async def wait(
+        self, record: str, fingerprint: str, route: RoutePolicy, ex: Exchange
+    ) -> Decision:
+        """Poll until the first attempt settles or `wait_timeout` passes."""
+        deadline = time.monotonic() + route.wait_timeout
+        delay = _WAIT_FIRST_POLL
+        metrics.WAITERS.inc()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return InProgress(_CONFLICT_RETRY_AFTER)
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, _WAIT_MAX_POLL)
+                decision = await self.store.begin(
+                    record, fingerprint, lease=route.lease, ttl=route.ttl,
+                    takeover=route.on_unknown_outcome == "retry",
+                )  # fmt: skip
+                if isinstance(decision, Replay):
+                    ex.outcome = "waited"
+                if not isinstance(decision, InProgress):
+                    return decision
+        finally:
+            metrics.WAITERS.dec()
+
+    async def execute(self, request: web.Request, route: RoutePolicy, record: str,
+                      lock: Acquired, body: bytes, ex: Exchange) -> web.StreamResponse:  # fmt: skip
+        """Forward a first attempt in a task of its own, shielded from the client."""
+        task = spawn(self.forward_and_record(request, route, record, lock, body, ex), "exchange")
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_unclaimed)
+            raise
+        if isinstance(result, StoredResponse):
+            return make_response(result.status, result.headers, result.body)
+        return await stream_rest(request, result)
+
+    async def forward_and_record(self, request: web.Request, route: RoutePolicy, record: str,
+                                 lock: Acquired, body: bytes,
+                                 ex: Exchange) -> StoredResponse | _Streamed:  # fmt: skip
+        """The owner's exchange: forward, then complete (store) or release the record."""
+        ex.outcome = "forwarded"
+        lease = LeaseKeeper(self.store, record, lock.token, route.lease)
+        metrics.IN_FLIGHT.inc()
+        started = time.perf_counter()
+        try:
+            async with AsyncExitStack() as stack:
+                upstream = await stack.enter_async_context(exchange(
+                    self.session, request.method, target_url(route.upstream, request),
+                    request_headers(request, keep_length=False), body,
+                    total_timeout(route.upstream_timeout),
+                ))  # fmt: skip
+                content, whole = await read_bounded(upstream, route.max_stored_response)
+                ex.upstream_status = upstream.status
+                ex.upstream_seconds = time.perf_counter() - started
+                headers = response_headers(upstream.headers, keep_length=not whole)
+                if upstream.status in route.release_statuses:
+                    ex.outcome = "released"
+                    await self.release(record, lock.token)
+                elif whole:
+                    response = StoredResponse(upstream.status, tuple(headers), content)
+                    await self.record(record, lock.token, Outcome("response", response), route, ex)
+                    metrics.STORED_RESPONSE_BYTES.observe(len(content))
+                else:
+                    ex.outcome = "too_large"
+                    too_large = Outcome("too_large", StoredResponse(upstream.status, (), b""))
+                    await self.record(record, lock.token, too_large, route, ex)
+                if whole:
+                    return StoredResponse(upstream.status, tuple(headers), content)
+                return _Streamed(upstream, headers, content, stack.pop_all())
+        except UpstreamError as exc:
+            ex.upstream_seconds = time.perf_counter() - started
+            if not exc.delivered or route.on_unknown_outcome == "retry":
+                await self.release(record, lock.token)
+                raise
+            # Delivered, outcome unknown: this answer is the key's terminal result.
+            status, headers, content = exc.parts()
+            response = StoredResponse(status, tuple(headers), content)
+            await self.record(record, lock.token, Outcome("response", response), route, ex)
+            ex.outcome = exc.outcome if ex.outcome != "fenced" else "fenced"
+            return response
+        finally:
+            lease.stop()
+            metrics.IN_FLIGHT.dec()
+
+    async def record(self, record: str, token: str, outcome: Outcome,
+                     route: RoutePolicy, ex: Exchange) -> None:  # fmt: skip
+        try:
+            stored = await self.store.complete(record, token, outcome, ttl=route.ttl)
+        except StoreError as exc:
+            metrics.UNRECORDED.labels(route.id).inc()
+            logs.event("result not recorded: store failed after the upstream answered",
+                       route=route.id, key_hash=ex.record, error=exc.detail)  # fmt: skip
+            return
+        if not stored:
+            ex.outcome = "fenced"
+            logs.event("result not recorded: the record was taken over (fenced out)",
+                       route=route.id, key_hash=ex.record)  # fmt: skip
+
+    async def release(self, record: str, token: str) -> None:
+        try:
+            await self.store.release(record, token)
+        except StoreError as exc:
+            # The record stays in flight until its lease lapses; safe, only slower.
+            logs.event("record not released: store failed", key_hash=record, error=exc.detail)
+
+    async def stream(self, request: web.Request, route: RoutePolicy, ex: Exchange,
+                     body: bytes | None = None) -> web.StreamResponse:  # fmt: skip
+        """Pass a request through without buffering either direction (unless `body`)."""
+        data = (
+            body
+            if body is not None
+            else (request.content.iter_any() if request.body_exists else None)
+        )
+        response = web.StreamResponse()
+        started = time.perf_counter()
+        try:
+            async with exchange(
+                self.session, request.method, target_url(route.upstream, request),
+                request_headers(request, keep_length=body is None), data,
+                idle_timeout(route.upstream_timeout),
+            ) as upstream:  # fmt: skip
+                ex.upstream_status = upstream.status
+                response.set_status(upstream.status, upstream.reason)
+                response.headers.extend(response_headers(upstream.headers, keep_length=True))
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+        except UpstreamError:
+            if not response.prepared:
+                raise
+            _abort(request)  # the status line is sent: all we can say is "truncated"
+        finally:
+            ex.upstream_seconds = time.perf_counter() - started
+        return response
+
+
+class LeaseKeeper:
+    """Renews a record's lease every lease/3 while its owner works, with a timer, not a task:
+    most exchanges end before the first renewal is due."""
+
+    def __init__(self, store: Store, record: str, token: str, lease: float) -> None:
+        self._store, self._record, self._token, self._lease = store, record, token, lease
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(lease / 3, self._due)
+        self._task: asyncio.Task[None] | None = None
+
+    def _due(self) -> None:
+        self._task = spawn(self._renew(), "lease-renewal")
+
+    async def _renew(self) -> None:
+        try:
+            renewed = await self._store.renew(self._record, self._token, lease=self._lease)
+        except StoreError as exc:
+            metrics.LEASE_RENEWALS.labels("error").inc()
+            logs.event("lease renewal failed", key_hash=self._record, error=exc.detail)
+            renewed = True  # keep trying: the store may come back before the lease lapses
+        else:
+            metrics.LEASE_RENEWALS.labels("renewed" if renewed else "lost").inc()
+        if renewed and self._timer is not None:
+            self._timer = self._loop.call_later(self._lease / 3, self._due)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The whole request body, or 413 as soon as it is known to exceed `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"the request body is {request.content_length} bytes; the limit is {limit}"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g}s") from exc
+    return b"".join(chunks)
+
+
+def replay(outcome: Outcome, route: RoutePolicy) -> web.Response:
+    """The stored answer for a key that is done."""
+    if outcome.kind == "response":
+        stored = outcome.response
+        return make_response(stored.status, stored.headers, stored.body, REPLAYED)
+    error: ProxyError
+    if outcome.kind == "too_large":
+        error = ResponseNotReplayable(
+            f"the first request with this {route.key_header} completed with status "
+            f"{outcome.response.status}, but its response was too large to store; "
+            "it was not executed again"
+        )
+    else:
+        error = OutcomeUnknown(
+            f"the proxy handling the first request with this {route.key_header} stopped before "
+            "the upstream answered; it may or may not have acted. It was not executed again; "
+            "reconcile with the upstream, or use a new key"
+        )
+    status, headers, body = error.parts()
+    return make_response(status, headers, body, REPLAYED)
+
+
+async def stream_rest(request: web.Request, streamed: _Streamed) -> web.StreamResponse:
+    async with streamed.closer:
+        response = web.StreamResponse(
+            status=streamed.upstream.status, reason=streamed.upstream.reason
+        )
+        response.headers.extend(streamed.headers)
+        await response.prepare(request)
+        try:
+            await response.write(streamed.prefix)
+            async for chunk in streamed.upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError):
+            _abort(request)
+        return response
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _close_unclaimed(task: asyncio.Task[StoredResponse | _Streamed]) -> None:
+    """The client left: a streamed result nobody will read must still close its upstream."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    result = task.result()
+    if isinstance(result, _Streamed):
+        spawn(result.closer.aclose(), "close-unclaimed")

@@ -1,0 +1,116 @@
+"""Running the proxy: listeners, signals, graceful shutdown.
+
+`serve` starts both listeners on sockets it binds itself (port 0 picks a free port, which
+tests and the demo use) and stops them in the right order: stop accepting, let in-flight
+requests finish and record within the grace period, then close the store. `run` adds the
+process's signal handling around it: SIGTERM/SIGINT drain and exit, SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy import logs
+from proxy.admin import create_admin_app
+from proxy.app import PROXY, create_app
+from proxy.config import Config, ConfigError, describe, load_config
+from proxy.store import Store
+
+
+def bind(address: tuple[str, int], reuse_port: bool = False) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class Running:
+    """A started proxy: where it listens, and its apps."""
+
+    app: web.Application
+    admin_app: web.Application
+    port: int
+    admin_port: int
+    host: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{_connectable(self.host)}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{_connectable(self.host)}:{self.admin_port}"
+
+
+def _connectable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+@asynccontextmanager
+async def serve(
+    config: Config, store: Store | None = None, reuse_port: bool = False
+) -> AsyncIterator[Running]:
+    """Serve `config` until the block exits, then shut down gracefully."""
+    app = create_app(config, store)
+    admin_app = create_admin_app(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=config.shutdown_grace)  # fmt: skip
+    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await admin_runner.setup()
+    sock = bind(config.listen, reuse_port)
+    admin_sock = bind(config.admin_listen, reuse_port)
+    try:
+        await web.SockSite(runner, sock, backlog=1024).start()
+        await web.SockSite(admin_runner, admin_sock).start()
+        yield Running(app, admin_app, sock.getsockname()[1], admin_sock.getsockname()[1],
+                      config.listen[0])  # fmt: skip
+    finally:
+        # Closes the proxy listener first, waits for handlers, then the cleanup context
+        # drains the shielded upstream exchanges and closes the store.
+        await runner.cleanup()
+        await admin_runner.cleanup()
+
+
+async def run(config: Config, config_path: str | None, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT; reload the config file on SIGHUP."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(config, reuse_port=reuse_port) as running:
+        if config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload, running.app, config_path)
+        logs.event("listening", proxy=running.url, admin=running.admin_url, config=describe(config))
+        await stop.wait()
+        logs.event("shutting down", grace_seconds=config.shutdown_grace)
+    logs.event("stopped")
+
+
+def reload(app: web.Application, config_path: str) -> bool:
+    """Re-read the config file; keep the running config if the new one is invalid."""
+    from proxy import metrics
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        metrics.CONFIG_RELOADS.labels("rejected").inc()
+        logs.event("config reload refused; keeping the running config", problems=exc.problems)
+        return False
+    app[PROXY].reload(config)
+    metrics.CONFIG_RELOADS.labels("applied").inc()
+    logs.event("config reloaded", config=describe(config))
+    return True

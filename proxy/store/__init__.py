@@ -1,0 +1,77 @@
+"""Idempotency stores: the `Store` protocol and its backends, chosen by URL."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from proxy import metrics
+from proxy.config import StoreConfig
+from proxy.errors import StoreError
+from proxy.store.base import Decision, Outcome, RecordInfo, Store
+
+__all__ = ["MeasuredStore", "Store", "open_store"]
+
+
+def open_store(config: StoreConfig) -> Store:
+    """The backend for `config.url`: `memory://`, or Redis for anything else."""
+    if config.url.startswith("memory:"):
+        from proxy.store.memory import MemoryStore
+
+        return MemoryStore(max_records=config.max_records, max_bytes=config.max_bytes)
+    from proxy.store.redis import RedisStore
+
+    return RedisStore(config.url, timeout=config.timeout)
+
+
+class MeasuredStore:
+    """Wraps a backend to time every operation and count its failures, by operation."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self._timers = {op: metrics.STORE_DURATION.labels(op) for op in metrics.STORE_OPERATIONS}
+        self._errors = {op: metrics.STORE_ERRORS.labels(op) for op in metrics.STORE_OPERATIONS}
+
+    async def _measure(self, operation: str, call: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await call
+        except StoreError:
+            self._errors[operation].inc()
+            raise
+        finally:
+            self._timers[operation].observe(time.perf_counter() - started)
+
+    async def begin(
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
+    ) -> Decision:
+        call = self.inner.begin(key, fingerprint, lease=lease, ttl=ttl, takeover=takeover)
+        result: Decision = await self._measure("begin", call)
+        return result
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        return bool(await self._measure("renew", self.inner.renew(key, token, lease=lease)))
+
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+        call = self.inner.complete(key, token, outcome, ttl=ttl)
+        return bool(await self._measure("complete", call))
+
+    async def release(self, key: str, token: str) -> bool:
+        return bool(await self._measure("release", self.inner.release(key, token)))
+
+    async def ping(self) -> None:
+        await self._measure("ping", self.inner.ping())
+
+    async def inspect(self, key: str) -> RecordInfo | None:
+        info: RecordInfo | None = await self._measure("admin", self.inner.inspect(key))
+        return info
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._measure("admin", self.inner.delete(key)))
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = await self._measure("admin", self.inner.counts())
+        return counts
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,145 @@
+"""The store seam: the contract every backend keeps, and the values that cross it.
+
+A record exists per (namespace, scope, key), addressed by a hashed storage key (see
+`proxy.keys.storage_key`). It is either in flight (owned by one fencing token until its
+lease deadline) or done (holding the outcome to replay). Every transition is atomic in the
+backend and checks the token, so two proxies can never both believe they own a key.
+
+Times cross the seam as seconds (floats); backends measure leases with their own clock
+(Redis: the server's `TIME`), so proxies with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+OutcomeKind = Literal["response", "too_large", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response exactly as the first client received it."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The terminal result of a key.
+
+    `response`: replayable as stored. `too_large`: the upstream answered `response.status`
+    but the body was too large to keep; retries get a problem, never a second execution.
+    `unknown`: the first owner died mid-flight; nobody knows whether the upstream acted.
+    """
+
+    kind: OutcomeKind
+    response: StoredResponse
+
+    def size(self) -> int:
+        return len(self.response.body) + sum(len(k) + len(v) + 4 for k, v in self.response.headers)
+
+
+UNKNOWN_OUTCOME = Outcome("unknown", StoredResponse(0, (), b""))
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """The caller owns the key with `token` and must forward, then complete or release.
+
+    `takeover` is true when an expired lease of a dead owner was taken over.
+    """
+
+    token: str
+    takeover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The key is done: answer with its outcome."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """Another request owns the key; its lease runs for `retry_after` more seconds."""
+
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """The key was first used with a different request fingerprint."""
+
+
+Decision = Acquired | Replay | InProgress | Mismatch
+
+
+@dataclass(frozen=True, slots=True)
+class RecordInfo:
+    """What an operator sees of a record (never the body itself)."""
+
+    state: Literal["in_flight", "done"]
+    fingerprint: str
+    ttl_remaining: float | None
+    lease_remaining: float | None = None
+    outcome: OutcomeKind | None = None
+    status: int | None = None
+    body_bytes: int | None = None
+
+
+class Store(Protocol):
+    """An idempotency store. Every method raises `proxy.errors.StoreError` on failure."""
+
+    async def begin(
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
+    ) -> Decision:
+        """Decide a request in one atomic step.
+
+        - no record: create it in flight with a new token, lease and ttl -> `Acquired`;
+        - fingerprint differs from the record's -> `Mismatch` (whatever the state);
+        - done -> `Replay` of its outcome;
+        - in flight, lease running -> `InProgress`;
+        - in flight, lease expired (the owner died): with `takeover`, take the record
+          with a new token and lease -> `Acquired(takeover=True)`; without, turn it into
+          the terminal `UNKNOWN_OUTCOME` -> `Replay`.
+        """
+        ...
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """Extend the lease to now + `lease` if `token` still owns the in-flight record."""
+        ...
+
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+        """Store `outcome` (done, kept `ttl`) if `token` still owns the in-flight record.
+
+        Returns False, storing nothing, when the token was fenced out by a takeover.
+        """
+        ...
+
+    async def release(self, key: str, token: str) -> bool:
+        """Delete the in-flight record if `token` owns it: the request was never delivered."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise `StoreError` when it does not."""
+        ...
+
+    async def inspect(self, key: str) -> RecordInfo | None:
+        """The record at `key`, or None."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove the record at `key` whatever its state (an operator's decision)."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """How many records there are, by state (`in_flight`, `done`)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        ...

@@ -1,0 +1,183 @@
+"""The embedded store: one process, bounded, for development and single replicas.
+
+Records live in an insertion-ordered dict. Expired records are dropped when touched and
+swept when the store reaches its caps (`max_records`, `max_bytes`); if it is still full,
+the oldest *done* records are evicted (they only cost a replay, never correctness).
+In-flight records are never evicted: when the store is full of them, `begin` fails with
+`StoreUnavailable` and the route's `fail_mode` decides, exactly as for a Redis outage.
+The clock is injectable so leases and TTLs are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.errors import StoreUnavailable
+from proxy.store.base import (
+    UNKNOWN_OUTCOME,
+    Acquired,
+    Decision,
+    InProgress,
+    Mismatch,
+    Outcome,
+    RecordInfo,
+    Replay,
+)
+
+# After a sweep the store is trimmed to this share of its caps, so a full store does not
+# sweep on every insert.
+_TRIM_TO = 0.9
+_RECORD_OVERHEAD = 200  # bytes a record costs besides its response, roughly
+
+
+@dataclass(slots=True)
+class _Record:
+    fingerprint: str
+    expires_at: float
+    token: str | None = None
+    lease_until: float = 0.0
+    outcome: Outcome | None = None
+    size: int = _RECORD_OVERHEAD
+
+
+def new_token() -> str:
+    return os.urandom(12).hex()
+
+
+class MemoryStore:
+    """`Store` in this process's memory."""
+
+    def __init__(
+        self,
+        *,
+        max_records: int = 100_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._records: dict[str, _Record] = {}
+        self._bytes = 0
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._clock = clock
+
+    def _get(self, key: str, now: float) -> _Record | None:
+        record = self._records.get(key)
+        if record is not None and record.expires_at <= now:
+            self._drop(key)
+            return None
+        return record
+
+    def _drop(self, key: str) -> None:
+        record = self._records.pop(key, None)
+        if record is not None:
+            self._bytes -= record.size
+
+    async def begin(
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
+    ) -> Decision:
+        now = self._clock()
+        record = self._get(key, now)
+        if record is None:
+            self._make_room(now)
+            token = new_token()
+            self._records[key] = _Record(fingerprint, now + ttl, token, now + lease)
+            self._bytes += _RECORD_OVERHEAD
+            return Acquired(token)
+        if record.fingerprint != fingerprint:
+            return Mismatch()
+        if record.outcome is not None:
+            return Replay(record.outcome)
+        if record.lease_until > now:
+            return InProgress(record.lease_until - now)
+        if takeover:
+            record.token = new_token()
+            record.lease_until = now + lease
+            return Acquired(record.token, takeover=True)
+        record.token = None
+        record.outcome = UNKNOWN_OUTCOME
+        return Replay(UNKNOWN_OUTCOME)
+
+    def _owned(self, key: str, token: str) -> _Record | None:
+        record = self._get(key, self._clock())
+        if record is None or record.outcome is not None or record.token != token:
+            return None
+        return record
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        record = self._owned(key, token)
+        if record is None:
+            return False
+        record.lease_until = self._clock() + lease
+        return True
+
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+        record = self._owned(key, token)
+        if record is None:
+            return False
+        size = _RECORD_OVERHEAD + outcome.size()
+        self._bytes += size - record.size
+        record.size = size
+        record.outcome = outcome
+        record.token = None
+        record.expires_at = self._clock() + ttl
+        return True
+
+    async def release(self, key: str, token: str) -> bool:
+        if self._owned(key, token) is None:
+            return False
+        self._drop(key)
+        return True
+
+    def _make_room(self, now: float) -> None:
+        if len(self._records) < self._max_records and self._bytes < self._max_bytes:
+            return
+        for key in [k for k, r in self._records.items() if r.expires_at <= now]:
+            self._drop(key)
+        records_goal = int(self._max_records * _TRIM_TO)
+        bytes_goal = int(self._max_bytes * _TRIM_TO)
+        if len(self._records) > records_goal or self._bytes > bytes_goal:
+            done = [k for k, r in self._records.items() if r.outcome is not None]
+            for key in done:  # oldest first: dicts keep insertion order
+                if len(self._records) <= records_goal and self._bytes <= bytes_goal:
+                    break
+                self._drop(key)
+        if len(self._records) >= self._max_records or self._bytes >= self._max_bytes:
+            raise StoreUnavailable(
+                "the memory store is full of in-flight records; raise store.max_records "
+                "or store.max_bytes, or use Redis"
+            )
+
+    async def ping(self) -> None:
+        return None
+
+    async def inspect(self, key: str) -> RecordInfo | None:
+        now = self._clock()
+        record = self._get(key, now)
+        if record is None:
+            return None
+        if record.outcome is None:
+            return RecordInfo("in_flight", record.fingerprint, record.expires_at - now,
+                              lease_remaining=max(0.0, record.lease_until - now))  # fmt: skip
+        response = record.outcome.response
+        return RecordInfo(
+            "done", record.fingerprint, record.expires_at - now, outcome=record.outcome.kind,
+            status=response.status or None, body_bytes=len(response.body),
+        )  # fmt: skip
+
+    async def delete(self, key: str) -> bool:
+        existed = key in self._records
+        self._drop(key)
+        return existed
+
+    async def counts(self) -> dict[str, int]:
+        now = self._clock()
+        live = [r for r in self._records.values() if r.expires_at > now]
+        done = sum(1 for r in live if r.outcome is not None)
+        return {"in_flight": len(live) - done, "done": done}
+
+    async def close(self) -> None:
+        self._records.clear()
+        self._bytes = 0

@@ -1,0 +1,155 @@
+"""Talking to the legacy upstream: header rules, the pooled client, and error translation.
+
+aiohttp client errors become `UpstreamError`s here and nowhere else. The translation
+decides the most important question of a failed exchange: could the upstream have acted?
+Only a connection that was never established proves the request was not delivered;
+everything after that (a timeout, a reset, a truncated answer) means "outcome unknown".
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from email.utils import formatdate
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import UpstreamDisconnected, UpstreamTimeout, UpstreamUnreachable
+
+# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+              "Trailer", "Transfer-Encoding", "Upgrade", "Proxy-Connection", "Expect")
+)  # fmt: skip
+# Recomputed by whoever writes the body next.
+_FRAMING = frozenset(("content-length",))
+_CONNECT_TIMEOUT = 5.0
+_KEEPALIVE = 15.0
+
+
+def create_session() -> aiohttp.ClientSession:
+    """The one pooled client for every upstream; bodies pass through undecoded."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE, ttl_dns_cache=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Headers named in `Connection` are hop-by-hop too."""
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def request_headers(request: web.BaseRequest, keep_length: bool) -> CIMultiDict[str]:
+    """Headers to send upstream: the client's, less hop-by-hop, plus X-Forwarded-*."""
+    drop = HOP_BY_HOP | _connection_tokens(request.headers)
+    if not keep_length:
+        drop = drop | _FRAMING
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in request.headers.items() if name.lower() not in drop
+    )
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    if "Host" in request.headers:
+        out["X-Forwarded-Host"] = request.headers["Host"]
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> list[tuple[str, str]]:
+    """Upstream response headers to send on, less hop-by-hop (and framing, when rebuffered).
+
+    A response without `Date` gets one now, so a replay carries the first answer's date.
+    """
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    if not keep_length:
+        drop = drop | _FRAMING
+    pairs = [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    if "Date" not in headers:
+        pairs.append(("Date", formatdate(usegmt=True)))
+    return pairs
+
+
+def target_url(upstream: str, request: web.BaseRequest) -> URL:
+    return URL(upstream + request.raw_path, encoded=True)
+
+
+@asynccontextmanager
+async def exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    data: bytes | AsyncIterator[bytes] | None,
+    timeout: aiohttp.ClientTimeout,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One upstream request; aiohttp errors leave here as `UpstreamError`s."""
+    try:
+        async with session.request(
+            method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+        ) as response:
+            yield response
+    except aiohttp.ClientConnectorError as exc:  # the connection was never established
+        raise UpstreamUnreachable(f"cannot connect to {url.origin()}: {exc.os_error}") from exc
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamUnreachable(f"connecting to {url.origin()} timed out") from exc
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError, aiohttp.ClientResponseError) as exc:  # fmt: skip
+        raise UpstreamDisconnected(
+            f"the upstream broke off the exchange after the request was sent ({exc!r}); "
+            "it may have acted on it"
+        ) from exc
+    except TimeoutError as exc:
+        raise UpstreamTimeout(
+            "the upstream did not answer within upstream_timeout; it may have acted on it"
+        ) from exc
+
+
+def total_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """The whole exchange, body included, within `seconds` (the protected path)."""
+    return aiohttp.ClientTimeout(total=seconds, connect=min(seconds, _CONNECT_TIMEOUT))
+
+
+def idle_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """No more than `seconds` of silence (streamed traffic, which may run long)."""
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=min(seconds, _CONNECT_TIMEOUT), sock_read=seconds
+    )
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Read up to `limit` bytes of the body; (bytes read, whether the body is complete)."""
+    if response.content_length is not None and response.content_length > limit:
+        return b"", False
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await response.content.read(65536)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks), False
+
+
+def make_response(status: int, headers: Iterable[tuple[str, str]], body: bytes,
+                  extra: Iterable[tuple[str, str]] = ()) -> web.Response:  # fmt: skip
+    """A buffered response with exactly these headers (aiohttp adds the framing)."""
+    merged: CIMultiDict[str] = CIMultiDict(headers)
+    merged.extend(extra)
+    return web.Response(status=status, headers=merged, body=body)
