@@ -1,0 +1,61 @@
+"""What only the embedded store does: stay within its bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import StoreUnavailable
+from proxy.store.base import Acquired, Outcome, Replay, StoredResponse
+from proxy.store.memory import MemoryStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+OUTCOME = Outcome("response", StoredResponse(200, (), b"x" * 1000))
+
+
+async def fill(store: MemoryStore, count: int, prefix: str = "k") -> None:
+    for index in range(count):
+        lock = await store.begin(f"{prefix}{index}", "fp", lease=10, ttl=60, takeover=False)
+        assert isinstance(lock, Acquired)
+        await store.complete(f"{prefix}{index}", lock.token, OUTCOME, ttl=60)
+
+
+async def test_expired_records_are_swept_before_anything_is_evicted() -> None:
+    """At the record cap, expired records go first and live ones stay replayable."""
+    clock = Clock()
+    store = MemoryStore(max_records=10, clock=clock)
+    await fill(store, 5, "old")
+    clock.now += 120  # the old ones expire
+    await fill(store, 5, "new")
+    await fill(store, 1, "more")
+    for index in range(5):
+        decision = await store.begin(f"new{index}", "fp", lease=10, ttl=60, takeover=False)
+        assert isinstance(decision, Replay)
+    assert (await store.counts())["done"] == 6
+
+
+async def test_oldest_done_records_are_evicted_at_the_byte_cap() -> None:
+    """Over max_bytes, the oldest finished records make room; the newest stay."""
+    store = MemoryStore(max_bytes=20_000, clock=Clock())
+    await fill(store, 40)
+    counts = await store.counts()
+    assert counts["done"] < 20
+    last = await store.begin("k39", "fp", lease=10, ttl=60, takeover=False)
+    assert isinstance(last, Replay)
+
+
+async def test_in_flight_records_are_never_evicted() -> None:
+    """A store full of in-flight records refuses new keys instead of forgetting owners."""
+    store = MemoryStore(max_records=3, clock=Clock())
+    for index in range(3):
+        await store.begin(f"f{index}", "fp", lease=10, ttl=60, takeover=False)
+    with pytest.raises(StoreUnavailable, match="full of in-flight records"):
+        await store.begin("f3", "fp", lease=10, ttl=60, takeover=False)
+    assert (await store.counts())["in_flight"] == 3
