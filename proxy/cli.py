@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from proxy import __version__, logs
 from proxy.config import ConfigError, load_config
+from proxy.workers import supervise, worker_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="serve the proxy")
     run.add_argument("--config", required=True, help="the YAML config file")
+    run.add_argument(
+        "--workers", default="1",
+        help="worker processes sharing the port (SO_REUSEPORT); 'auto' = one per CPU",
+    )  # fmt: skip
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="the YAML config file")
@@ -32,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "run":
-        return run(args.config)
+        return run(args.config, args.workers)
     raise AssertionError(args.command)
 
 
@@ -48,20 +53,44 @@ def check_config(path: str) -> int:
     return 0
 
 
-def run(path: str) -> int:
+def run(path: str, workers: str = "1") -> int:
+    try:
+        config = load_config(path)
+        count = worker_count(workers)
+    except ConfigError as exc:
+        return _refuse(path, exc.problems)
+    except ValueError as exc:
+        return _refuse(path, [f"--workers: expected a number or 'auto', got {workers!r} ({exc})"])
+    if count > 1 and config.store.url.startswith("memory:"):
+        return _refuse(path, [
+            f"--workers {count}: store.url is memory://, which one process owns; several "
+            "workers would each keep their own records. Use Redis, or one worker"
+        ])  # fmt: skip
+    if count == 1:
+        return serve_config(path)
+    logs.configure(config.log_level)
+    return supervise(path, count, config.shutdown_grace)
+
+
+def serve_config(path: str, reuse_port: bool = False) -> int:
+    """Serve the config at `path` in this process until SIGTERM/SIGINT."""
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(f"{path}: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        return _refuse(path, exc.problems)
     logs.configure(config.log_level)
     from proxy import server
 
     _install_uvloop()
-    asyncio.run(server.run(config, path))
+    asyncio.run(server.run(config, path, reuse_port=reuse_port))
     return 0
+
+
+def _refuse(path: str, problems: list[str]) -> int:
+    print(f"{path}: invalid configuration:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 2
 
 
 def _install_uvloop() -> None:
