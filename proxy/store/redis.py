@@ -6,11 +6,12 @@ that changes an in-flight record checks its fencing token (the model is redis-py
 `Lock.release` script).
 
 Throughput: awaiting redis-py once per command costs a Python proxy about half its
-throughput, and the round trips are not what costs. So commands are not sent one by one:
-`CommandBatcher` gathers the store calls that concurrent requests make within one loop
-iteration and sends them as one pipeline, one round trip for all of them.
+throughput, and the round trips are not what costs. So the hot path (begin, renew, complete,
+release) goes through `RedisConnection`, one multiplexed connection that writes the commands
+of concurrent requests together and parses replies with hiredis. redis-py serves the
+operator's occasional calls (counting records with SCAN).
 
-redis-py errors are translated into `StoreUnavailable` here and nowhere else.
+Redis errors are translated into `StoreUnavailable` here and in `connection.py`, nowhere else.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.keys import STORAGE_PREFIX
@@ -40,7 +41,7 @@ from proxy.store.base import (
     Replay,
     StoredResponse,
 )
-from proxy.tasks import spawn
+from proxy.store.connection import RedisConnection, ReplyError
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
 # clock), and when done: kind, status, hdrs, body.
@@ -130,7 +131,6 @@ class _Script:
 _BEGIN, _RENEW, _COMPLETE, _RELEASE, _INSPECT = (
     _Script(s) for s in (BEGIN, RENEW, COMPLETE, RELEASE, INSPECT)
 )
-_ALL_SCRIPTS = (_BEGIN, _RENEW, _COMPLETE, _RELEASE, _INSPECT)
 
 
 def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
@@ -159,72 +159,6 @@ def _outcome(kind: bytes, status: bytes, hdrs: bytes, body: bytes) -> Outcome:
     return Outcome(kind_name, StoredResponse(int(status), decode_headers(hdrs), body))
 
 
-class CommandBatcher:
-    """Sends the commands issued during one loop iteration as one pipeline.
-
-    Callers get a future each. Batches go out on a small pool of connections, so a slow
-    batch does not hold up the next; each batch is bounded by the store timeout.
-    """
-
-    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
-        self._client = client
-        self._timeout = timeout
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._flush)
-        self._queue.append((args, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        spawn(self._send(batch), name="store-batch")
-
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                results = await self._execute([args for args, _ in batch])
-                missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-                if missing:  # Redis restarted or was flushed: send those by source once
-                    retried = await self._execute([_as_eval(batch[i][0]) for i in missing])
-                    for index, result in zip(missing, retried, strict=True):
-                        results[index] = result
-        except (RedisError, OSError, TimeoutError) as exc:
-            error = StoreUnavailable(f"redis: {_describe(exc)}", retry_after=1)
-            error.__cause__ = exc
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                error = StoreUnavailable(f"redis: {_describe(result)}", retry_after=1)
-                error.__cause__ = result
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command(*args)
-        try:
-            return await pipe.execute(raise_on_error=False)
-        finally:
-            await pipe.reset()  # type: ignore[no-untyped-call]
-
-
-def _as_eval(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    sha = args[1]
-    script = next(s for s in _ALL_SCRIPTS if s.sha == sha)
-    return ("EVAL", script.source, *args[2:])
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "no answer within the store timeout"
@@ -234,20 +168,21 @@ def _describe(exc: BaseException) -> str:
 class RedisStore:
     """`Store` on Redis (`redis://`, `rediss://`, `unix://`)."""
 
-    def __init__(self, url: str, *, timeout: float = 0.5, max_connections: int = 64) -> None:
-        self._client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # A retried EVAL could run twice; a failure is reported, never retried here.
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
-        )
-        self._batch = CommandBatcher(self._client, timeout)
+    def __init__(self, url: str, *, timeout: float = 0.5) -> None:
+        self._url = url
         self._timeout = timeout
+        self._connection = RedisConnection(url, timeout)
+        self._admin_client: aioredis.Redis | None = None
 
     async def _call(self, script: _Script, key: str, *args: Any) -> Any:
-        return await self._batch.call("EVALSHA", script.sha, 1, key, *args)
+        """Run a script by SHA; send its source only when Redis has not seen it."""
+        reply = await self._connection.call("EVALSHA", script.sha, 1, key, *args)
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # Redis restarted or its script cache was flushed; EVALSHA did not run.
+            reply = await self._connection.call("EVAL", script.source, 1, key, *args)
+        if isinstance(reply, ReplyError):
+            raise StoreUnavailable(f"redis: {reply}", retry_after=1)
+        return reply
 
     async def begin(
         self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
@@ -283,7 +218,9 @@ class RedisStore:
         return bool(await self._call(_RELEASE, key, token))
 
     async def ping(self) -> None:
-        await self._batch.call("PING")
+        reply = await self._connection.call("PING")
+        if isinstance(reply, ReplyError):
+            raise StoreUnavailable(f"redis: {reply}", retry_after=1)
 
     async def inspect(self, key: str) -> RecordInfo | None:
         reply = await self._call(_INSPECT, key)
@@ -305,15 +242,23 @@ class RedisStore:
         )  # fmt: skip
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._batch.call("DEL", key))
+        reply = await self._connection.call("DEL", key)
+        if isinstance(reply, ReplyError):
+            raise StoreUnavailable(f"redis: {reply}", retry_after=1)
+        return bool(reply)
 
     async def counts(self) -> dict[str, int]:
         counts = {"in_flight": 0, "done": 0}
+        if self._admin_client is None:
+            self._admin_client = aioredis.Redis.from_url(
+                self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
+                retry=Retry(NoBackoff(), 0),
+            )  # fmt: skip
+        client = self._admin_client
         try:
             async with asyncio.timeout(max(self._timeout, 5.0)):
-                keys = [k async for k in self._client.scan_iter(match=STORAGE_PREFIX + "*",
-                                                                count=1000)]  # fmt: skip
-                pipe = self._client.pipeline(transaction=False)
+                keys = [k async for k in client.scan_iter(match=STORAGE_PREFIX + "*", count=1000)]
+                pipe = client.pipeline(transaction=False)
                 for key in keys:
                     pipe.hget(key, "st")
                 states = await pipe.execute()
@@ -327,7 +272,9 @@ class RedisStore:
         return counts
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._connection.close()
+        if self._admin_client is not None:
+            await self._admin_client.aclose()
 
 
 def _ms(seconds: float) -> int:

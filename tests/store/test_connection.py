@@ -1,0 +1,108 @@
+"""The multiplexed Redis connection: handshake, reconnects, timeouts, script cache loss."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.errors import StoreUnavailable
+from proxy.store.base import Acquired, InProgress
+from proxy.store.connection import RedisConnection
+from proxy.store.redis import RedisStore
+from tests.conftest import RedisServer, free_port
+
+
+async def test_concurrent_calls_get_their_own_replies(redis: RedisServer) -> None:
+    """Replies are matched to callers in order, across many commands in one write."""
+    connection = RedisConnection(redis.url, timeout=2)
+    try:
+        replies = await asyncio.gather(*(connection.call("ECHO", f"m{i}") for i in range(500)))
+        assert replies == [f"m{i}".encode() for i in range(500)]
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def password_redis() -> AsyncIterator[int]:
+    port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--requirepass", "s3cret"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        yield port
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_password_and_database_come_from_the_url(password_redis: int) -> None:
+    """AUTH and SELECT run before the connection is shared; a wrong password is refused."""
+    good = RedisConnection(f"redis://:s3cret@127.0.0.1:{password_redis}/3", timeout=2)
+    try:
+        await good.call("SET", "k", "v")
+        assert await good.call("GET", "k") == b"v"
+        other_db = RedisConnection(f"redis://:s3cret@127.0.0.1:{password_redis}/0", timeout=2)
+        assert await other_db.call("GET", "k") is None
+        await other_db.close()
+    finally:
+        await good.close()
+    bad = RedisConnection(f"redis://:wrong@127.0.0.1:{password_redis}/0", timeout=2)
+    with pytest.raises(StoreUnavailable, match="AUTH refused"):
+        await bad.call("PING")
+    await bad.close()
+
+
+async def test_a_silent_server_fails_callers_within_the_timeout() -> None:
+    """A store that accepts but never answers is unavailable after the timeout, not later."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = RedisConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="no answer within the store timeout"):
+            await connection.call("PING")
+        assert time.monotonic() - started < 0.6
+    finally:
+        await connection.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_reconnects_after_redis_restarts(redis: RedisServer) -> None:
+    """A restarted Redis is used again without restarting the proxy; scripts are re-sent."""
+    store = RedisStore(redis.url, timeout=0.5)
+    try:
+        assert isinstance(await store.begin("idp:a", "fp", lease=5, ttl=60, takeover=False),
+                          Acquired)  # fmt: skip
+        redis.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.begin("idp:b", "fp", lease=5, ttl=60, takeover=False)
+        redis.start()
+        await asyncio.sleep(0.15)  # past the reconnect pause
+        decision = await store.begin("idp:b", "fp", lease=5, ttl=60, takeover=False)
+        assert isinstance(decision, Acquired)  # a fresh server: no scripts, no records
+        redis.command("SCRIPT", "FLUSH")
+        again = await store.begin("idp:b", "fp", lease=5, ttl=60, takeover=False)
+        assert isinstance(again, InProgress)
+    finally:
+        await store.close()
