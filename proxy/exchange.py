@@ -38,11 +38,14 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and log every request once, including those whose client went away."""
     exchange = Exchange()
     request[EXCHANGE] = exchange
-    status = 499  # nginx's "client closed request", if the handler never returns
+    status = 499  # nginx's "client closed request": the handler was cancelled
     try:
         response = await handler(request)
         status = response.status
         return response
+    except Exception:
+        status = 500  # aiohttp answers 500 for an unhandled error
+        raise
     finally:
         elapsed = time.perf_counter() - exchange.started
         metrics.observe_request(exchange.route, request.method, exchange.outcome, elapsed)
