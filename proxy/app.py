@@ -18,7 +18,6 @@ from proxy.flow import Proxy
 from proxy.store import MeasuredStore, Store, open_store
 from proxy.upstream import create_session
 
-CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -26,7 +25,6 @@ PROXY = web.AppKey("proxy", Proxy)
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """The proxy listener's application. `store` overrides the configured one (tests)."""
     app = web.Application(middlewares=list(MIDDLEWARES))
-    app[CONFIG] = config
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         backend = MeasuredStore(store if store is not None else open_store(config.store))

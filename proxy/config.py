@@ -413,12 +413,17 @@ def load_config_text(
 
 
 def redact_url(url: str) -> str:
-    """The store URL with any password masked, for logs."""
+    """A URL with any password (userinfo or `?password=`) masked, for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join(
+        f"{pair.partition('=')[0]}=***" if pair.partition("=")[0].lower() == "password" else pair
+        for pair in parts.query.split("&")
+        if pair
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def describe(config: Config) -> dict[str, Any]:
@@ -427,7 +432,7 @@ def describe(config: Config) -> dict[str, Any]:
         "source": config.source,
         "listen": "{}:{}".format(*config.listen),
         "admin_listen": "{}:{}".format(*config.admin_listen),
-        "upstream": config.upstream,
+        "upstream": redact_url(config.upstream),
         "store": {
             "url": redact_url(config.store.url),
             "fail_mode": config.store.fail_mode,
@@ -435,10 +440,19 @@ def describe(config: Config) -> dict[str, Any]:
             "namespace": config.store.namespace,
         },
         "admin_token": "***" if config.admin_token else None,
-        "routes": [
-            {"id": r.id, "path": r.path, "upstream": r.upstream, "methods": sorted(r.methods),
-             "require_key": r.require_key, "ttl": r.ttl, "lease": r.lease,
-             "on_concurrent": r.on_concurrent, "on_unknown_outcome": r.on_unknown_outcome}
-            for r in config.routes
-        ],
-    }  # fmt: skip
+        "routes": [_describe_route(r) for r in config.routes],
+    }
+
+
+def _describe_route(route: RoutePolicy) -> dict[str, Any]:
+    return {
+        "id": route.id,
+        "path": route.path,
+        "upstream": redact_url(route.upstream),
+        "methods": sorted(route.methods),
+        "require_key": route.require_key,
+        "ttl": route.ttl,
+        "lease": route.lease,
+        "on_concurrent": route.on_concurrent,
+        "on_unknown_outcome": route.on_unknown_outcome,
+    }

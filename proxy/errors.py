@@ -21,6 +21,8 @@ with `raise ... from exc`; the rest of the code only ever catches these.
     │   ├── UpstreamTimeout         504     upstream-timeout     (outcome unknown)
     │   └── UpstreamDisconnected    502     upstream-disconnected (outcome unknown)
     └── OutcomeUnknown              502     outcome-unknown      (first owner died)
+
+The admin API's own problems (unauthorized, unknown record, ...) are listed in `proxy.admin`.
 """
 
 from __future__ import annotations

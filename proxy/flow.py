@@ -250,7 +250,8 @@ class Proxy:
             await self.store.release(record, token)
         except StoreError as exc:
             # The record stays in flight until its lease lapses; safe, only slower.
-            logs.event("record not released: store failed", key_hash=record, error=exc.detail)
+            logs.event("record not released: store failed",
+                       key_hash=record.removeprefix(STORAGE_PREFIX), error=exc.detail)  # fmt: skip
 
     async def stream(self, request: web.Request, route: RoutePolicy, ex: Exchange,
                      body: bytes | None = None) -> web.StreamResponse:  # fmt: skip
@@ -302,7 +303,8 @@ class LeaseKeeper:
             renewed = await self._store.renew(self._record, self._token, lease=self._lease)
         except StoreError as exc:
             metrics.LEASE_RENEWALS.labels("error").inc()
-            logs.event("lease renewal failed", key_hash=self._record, error=exc.detail)
+            record = self._record.removeprefix(STORAGE_PREFIX)
+            logs.event("lease renewal failed", key_hash=record, error=exc.detail)
             renewed = True  # keep trying: the store may come back before the lease lapses
         else:
             metrics.LEASE_RENEWALS.labels("renewed" if renewed else "lost").inc()

@@ -42,8 +42,13 @@ def configure(level: str) -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("idempotency_proxy")
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
     root.propagate = False
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the level of every proxy log line (at start-up, and on a config reload)."""
+    logging.getLogger("idempotency_proxy").setLevel(level.upper())
 
 
 def event(message: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -3,17 +3,19 @@
 `serve` starts both listeners on sockets it binds itself (port 0 picks a free port, which
 tests and the demo use) and stops them in the right order: stop accepting, let in-flight
 requests finish and record within the grace period, then close the store. `run` adds the
-process's signal handling around it: SIGTERM/SIGINT drain and exit, SIGHUP reloads.
+process's signal handling around it: SIGTERM/SIGINT drain and exit, SIGHUP reloads
+(as `POST /admin/reload` does, through `reload`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
@@ -45,6 +47,7 @@ class Running:
     port: int
     admin_port: int
     host: str
+    admin_host: str = ""
 
     @property
     def url(self) -> str:
@@ -52,20 +55,29 @@ class Running:
 
     @property
     def admin_url(self) -> str:
-        return f"http://{_connectable(self.host)}:{self.admin_port}"
+        return f"http://{_connectable(self.admin_host or self.host)}:{self.admin_port}"
 
 
 def _connectable(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+    """A URL host that reaches a listener bound to `host` from this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 @asynccontextmanager
 async def serve(
-    config: Config, store: Store | None = None, reuse_port: bool = False
-) -> AsyncIterator[Running]:
-    """Serve `config` until the block exits, then shut down gracefully."""
+    config: Config, store: Store | None = None, reuse_port: bool = False,
+    config_path: str | None = None,
+) -> AsyncIterator[Running]:  # fmt: skip
+    """Serve `config` until the block exits, then shut down gracefully.
+
+    `config_path` is the file `POST /admin/reload` re-reads (none: reload answers 409).
+    """
     app = create_app(config, store)
-    admin_app = create_admin_app(app)
+    admin_app = create_admin_app(app, config_path)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=config.shutdown_grace)  # fmt: skip
     admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
@@ -77,7 +89,7 @@ async def serve(
         await web.SockSite(runner, sock, backlog=1024).start()
         await web.SockSite(admin_runner, admin_sock).start()
         yield Running(app, admin_app, sock.getsockname()[1], admin_sock.getsockname()[1],
-                      config.listen[0])  # fmt: skip
+                      config.listen[0], config.admin_listen[0])  # fmt: skip
     finally:
         # Closes the proxy listener first, waits for handlers, then the cleanup context
         # drains the shielded upstream exchanges and closes the store.
@@ -91,7 +103,7 @@ async def run(config: Config, config_path: str | None, reuse_port: bool = False)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(config, reuse_port=reuse_port) as running:
+    async with serve(config, reuse_port=reuse_port, config_path=config_path) as running:
         if config_path is not None:
             loop.add_signal_handler(signal.SIGHUP, reload, running.app, config_path)
         logs.event("listening", proxy=running.url, admin=running.admin_url, config=describe(config))
@@ -100,17 +112,53 @@ async def run(config: Config, config_path: str | None, reuse_port: bool = False)
     logs.event("stopped")
 
 
-def reload(app: web.Application, config_path: str) -> bool:
-    """Re-read the config file; keep the running config if the new one is invalid."""
+# Bound to resources opened at start (sockets, the store client): a reload cannot move them.
+_RESTART_FIELDS = ("listen", "admin_listen")
+_RESTART_STORE_FIELDS = ("url", "timeout", "max_records", "max_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """What a reload did: `problems` if refused, else the new route ids and what it kept."""
+
+    applied: bool
+    problems: list[str] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+
+
+def reload(app: web.Application, config_path: str, apply: bool = True) -> Reloaded:
+    """Re-read the config file; keep the running config if the new one is invalid.
+
+    Routes, defaults, the admin token, the log level and the rest apply at once, without
+    dropping a connection. Listen addresses and the store connection keep their running
+    values until a restart; `restart_required` names the ones the file changed. With
+    `apply=False` the file is only validated (a worker checks before signalling the others).
+    """
     from proxy import metrics
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         metrics.CONFIG_RELOADS.labels("rejected").inc()
-        logs.event("config reload refused; keeping the running config", problems=exc.problems)
-        return False
-    app[PROXY].reload(config)
+        logs.event("config reload refused; keeping the running config", logging.ERROR,
+                   source=config_path, problems=exc.problems)  # fmt: skip
+        return Reloaded(applied=False, problems=exc.problems)
+    running = app[PROXY].config
+    restart = [name for name in _RESTART_FIELDS if getattr(config, name) != getattr(running, name)]
+    restart += [f"store.{name}" for name in _RESTART_STORE_FIELDS
+                if getattr(config.store, name) != getattr(running.store, name)]  # fmt: skip
+    kept = {name: getattr(running.store, name) for name in _RESTART_STORE_FIELDS}
+    effective = replace(config, listen=running.listen, admin_listen=running.admin_listen,
+                        store=replace(config.store, **kept))  # fmt: skip
+    routes = [route.id for route in effective.routes]
+    if not apply:
+        return Reloaded(applied=False, routes=routes, restart_required=restart)
+    app[PROXY].reload(effective)
+    logs.set_level(effective.log_level)
     metrics.CONFIG_RELOADS.labels("applied").inc()
-    logs.event("config reloaded", config=describe(config))
-    return True
+    if restart:
+        logs.event("config reloaded, but these settings only change on a restart",
+                   logging.WARNING, restart_required=restart)  # fmt: skip
+    logs.event("config reloaded", config=describe(effective))
+    return Reloaded(applied=True, routes=routes, restart_required=restart)

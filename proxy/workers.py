@@ -41,6 +41,8 @@ def _worker_main(config_path: str) -> None:
     from proxy.cli import serve_config
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    # A reload that arrives before the worker's loop handles SIGHUP must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise SystemExit(serve_config(config_path, reuse_port=True))
 
 
