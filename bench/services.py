@@ -1,0 +1,382 @@
+"""The processes a benchmark run starts, and what they cost in CPU.
+
+Every server here is the run's own child, on a free loopback port, with its files in the
+run's temp directory: an nginx upstream that answers a fixed JSON body, nginx as a plain
+reverse proxy, the bare aiohttp pass-through, the idempotency proxy, and a redis-server
+(never the one on 6379). CPU is read from /proc: utime + stime of a process and all its
+descendants (nginx and multi-worker proxies fork their workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+UPSTREAM_BODY = '{"id":"ord_123","status":"created","amount":100,"currency":"EUR"}'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpus: str | None, argv: list[str]) -> list[str]:
+    """`argv` under `taskset -c cpus` (taskset execs, so the pid stays the server's)."""
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
+# --- CPU accounting ---------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, utime + stime in ticks) of `pid`, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name may contain spaces
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant of it."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _stat(int(entry))
+            if stat is not None:
+                parents.setdefault(stat[0], []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, ()))
+    return tree
+
+
+def cpu_ticks(root: int) -> dict[int, int]:
+    """CPU ticks used so far by each process of `root`'s tree."""
+    ticks = {}
+    for pid in process_tree(root):
+        stat = _stat(pid)
+        if stat is not None:
+            ticks[pid] = stat[1]
+    return ticks
+
+
+def cpu_seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds the tree used between two `cpu_ticks` snapshots (new workers included)."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items()) / CLOCK_TICKS
+
+
+def cpu_busy() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy ticks, all ticks) so far, from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(v) for v in values[:8]]
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    return out
+
+
+def busy_share(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cpus: set[int]
+) -> float:
+    """How busy `cpus` were between two `cpu_busy` snapshots (0..1), whoever kept them busy."""
+    busy = sum(after[c][0] - before[c][0] for c in cpus)
+    total = sum(after[c][1] - before[c][1] for c in cpus)
+    return busy / total if total else 0.0
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A child process serving HTTP (or Redis) on `port`."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    url: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(process_tree(self.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    log: Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, stdin=subprocess.DEVNULL
+        )
+
+
+def wait_http(server: Server, path: str, method: str = "GET", timeout: float = 15.0) -> None:
+    """Wait until `server` answers `method path` with 200 (through to the upstream)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"{server.name} exited:\n{server.log_tail()}")
+        try:
+            data = b"{}" if method == "POST" else None
+            request = urllib.request.Request(server.url + path, data=data, method=method)
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+                last = response.status
+        except Exception as exc:  # not up yet: connection refused, 502 while it starts, ...
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{server.name} did not answer {method} {path} with 200: {last}\n{server.log_tail()}"
+    )
+
+
+_NGINX_COMMON = """
+daemon off;
+master_process on;
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{body}
+}}
+"""
+
+
+def _nginx(name: str, workers: int, body: str, port: int, tmp: Path, cpus: str | None) -> Server:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    prefix = tmp / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(_NGINX_COMMON.format(workers=workers, prefix=prefix, body=body))
+    log = prefix / "stderr.log"
+    # `user root` is not set: as root, nginx workers drop to `nobody`, which only needs to
+    # read nothing (no files are served).
+    argv = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    process = _spawn(name, pinned(cpus, argv), log)
+    return Server(name, port, process, log, url=f"http://127.0.0.1:{port}")
+
+
+def start_upstream(tmp: Path, cpus: str | None, workers: int = 2) -> Server:
+    """The legacy API stand-in: nginx answering 200 + a fixed JSON body to any method."""
+    port = free_port()
+    body = f"""
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            default_type application/json;
+            return 200 '{UPSTREAM_BODY}';
+        }}
+    }}"""
+    server = _nginx("upstream", workers, body, port, tmp, cpus)
+    wait_http(server, "/")
+    return server
+
+
+def start_nginx_proxy(tmp: Path, upstream: Server, workers: int, cpus: str | None) -> Server:
+    """nginx as a plain reverse proxy with a keepalive pool to the upstream."""
+    port = free_port()
+    body = f"""
+    upstream backend {{
+        server 127.0.0.1:{upstream.port};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+    server = _nginx(f"nginx-proxy-{workers}w", workers, body, port, tmp, cpus)
+    wait_http(server, "/")
+    return server
+
+
+def start_passthrough(tmp: Path, upstream: Server, workers: int, cpus: str | None) -> Server:
+    port = free_port()
+    log = tmp / f"passthrough-{workers}w.log"
+    argv = [
+        sys.executable,
+        str(BENCH_DIR / "passthrough.py"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        upstream.url,
+        "--workers",
+        str(workers),
+    ]
+    server = Server(
+        "passthrough",
+        port,
+        _spawn("passthrough", pinned(cpus, argv), log),
+        log,
+        url=f"http://127.0.0.1:{port}",
+    )
+    wait_http(server, "/ready")
+    return server
+
+
+def proxy_supports_workers() -> bool:
+    """Whether `idempotency-proxy run` has a `--workers` option yet."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "--help"],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return "--workers" in result.stdout
+
+
+def proxy_config(
+    port: int, admin_port: int, upstream: Server, store_url: str, log_level: str
+) -> str:
+    """The bench's proxy config: `/open/*` streams POSTs through, `/pay/*` protects them."""
+    return f"""# written by bench/harness.py
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin_port}
+upstream: {upstream.url}
+log_level: {log_level}
+shutdown_grace: 2s
+store: {{url: "{store_url}", max_records: 2000000, max_bytes: 4GiB}}
+routes:
+  # Only PATCH is protected here, so the benchmark's POSTs take the unprotected path
+  # with exactly the same bytes on the wire as the protected cases.
+  - {{path: /open/*, id: open, methods: [PATCH]}}
+  - {{path: /pay/*, id: pay}}
+"""
+
+
+def start_proxy(
+    tmp: Path,
+    name: str,
+    upstream: Server,
+    store_url: str,
+    workers: int,
+    cpus: str | None,
+    log_level: str,
+    pass_workers: bool,
+) -> Server:
+    port, admin_port = free_port(), free_port()
+    config = tmp / f"{name}.yaml"
+    config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level))
+    log = tmp / f"{name}.log"  # the proxy's JSON log lines (stderr) land here
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+    if pass_workers:
+        argv += ["--workers", str(workers)]
+    env = {**os.environ}
+    for var in [v for v in env if v.startswith("IDEMPOTENCY_PROXY_")]:
+        del env[var]  # the bench config is the whole truth
+    process = _spawn(name, pinned(cpus, argv), log, cwd=REPO_DIR, env=env)
+    server = Server(
+        name, port, process, log, url=f"http://127.0.0.1:{port}", extra={"config": str(config)}
+    )
+    wait_http(server, "/open/ready", method="POST")
+    return server
+
+
+def start_redis(tmp: Path, cpus: str | None) -> Server:
+    """A redis-server of the run's own: no persistence, on a free port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    directory = tmp / "redis"
+    directory.mkdir(exist_ok=True)
+    log = tmp / "redis.log"
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+        "--loglevel",
+        "warning",
+    ]
+    server = Server(
+        "redis",
+        port,
+        _spawn("redis", pinned(cpus, argv), log),
+        log,
+        url=f"redis://127.0.0.1:{port}/0",
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if redis_command(port, "PING").startswith(b"+PONG"):
+                return server
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not start on port {port}:\n{server.log_tail()}")
+
+
+def redis_command(port: int, *args: str) -> bytes:
+    """One inline command to the run's own redis-server (FLUSHALL, INFO, ...)."""
+    assert port != 6379, "never touch the shared redis-server"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall((" ".join(args) + "\r\n").encode())
+        return sock.recv(1 << 20)
