@@ -1,8 +1,8 @@
 """The application factories: the proxy listener and the admin listener.
 
 Resources that live as long as the app (the store client, the upstream `ClientSession`)
-are opened and closed in `cleanup_ctx`, as aiohttp recommends; on the way out the proxy
-first lets in-flight upstream exchanges finish and record their results.
+are opened and closed in `cleanup_ctx`, as aiohttp recommends. They close only after the
+server has let in-flight requests finish and record (see `proxy.server.serve`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import logs, tasks
 from proxy.config import Config
 from proxy.exchange import MIDDLEWARES
 from proxy.flow import Proxy
@@ -32,9 +31,6 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         app[STORE] = backend
         app[PROXY] = Proxy(config, backend, session)
         yield
-        left = await tasks.drain("exchange", app[PROXY].config.shutdown_grace)
-        if left:
-            logs.event("shutdown grace ran out with upstream exchanges unfinished", left=left)
         await session.close()
         if store is None:
             await backend.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import aiohttp
@@ -33,7 +32,6 @@ from proxy.errors import (
     ProxyError,
     ResponseNotReplayable,
     StoreError,
-    UpstreamError,
 )
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.keys import STORAGE_PREFIX, fingerprint_request, parse_key, scope_of, storage_key
@@ -50,14 +48,14 @@ from proxy.store.base import (
 )
 from proxy.tasks import spawn
 from proxy.upstream import (
-    exchange,
+    UPSTREAM_ERRORS,
     idle_timeout,
     make_response,
     read_bounded,
     request_headers,
     response_headers,
     target_url,
-    total_timeout,
+    translate,
 )
 
 REPLAYED = (("Idempotent-Replayed", "true"),)
@@ -73,7 +71,6 @@ class _Streamed:
     upstream: aiohttp.ClientResponse
     headers: list[tuple[str, str]]
     prefix: bytes
-    closer: AsyncExitStack
 
 
 class Proxy:
@@ -172,64 +169,71 @@ class Proxy:
 
     async def execute(self, request: web.Request, route: RoutePolicy, record: str,
                       lock: Acquired, body: bytes, ex: Exchange) -> web.StreamResponse:  # fmt: skip
-        """Forward a first attempt in a task of its own, shielded from the client."""
-        task = spawn(self.forward_and_record(request, route, record, lock, body, ex), "exchange")
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_close_unclaimed)
-            raise
+        """Forward a first attempt, record its outcome, answer the client.
+
+        A client that disconnects does not stop this: the server runs handlers with
+        `handler_cancellation` off (see `proxy.server`), so the exchange still completes and
+        is recorded, and the retry replays it.
+        """
+        deadline = asyncio.get_running_loop().time() + route.upstream_timeout
+        result = await self.forward_and_record(request, route, record, lock, body, ex, deadline)
         if isinstance(result, StoredResponse):
             return make_response(result.status, result.headers, result.body)
-        return await stream_rest(request, result)
+        return await stream_rest(request, result, deadline)
 
     async def forward_and_record(self, request: web.Request, route: RoutePolicy, record: str,
-                                 lock: Acquired, body: bytes,
-                                 ex: Exchange) -> StoredResponse | _Streamed:  # fmt: skip
+                                 lock: Acquired, body: bytes, ex: Exchange,
+                                 deadline: float) -> StoredResponse | _Streamed:  # fmt: skip
         """The owner's exchange: forward, then complete (store) or release the record."""
         ex.outcome = "forwarded"
         lease = LeaseKeeper(self.store, record, lock.token, route.lease)
         metrics.IN_FLIGHT.inc()
+        url = target_url(route.upstream, request)
         started = time.perf_counter()
+        upstream: aiohttp.ClientResponse | None = None
         try:
-            async with AsyncExitStack() as stack:
-                upstream = await stack.enter_async_context(exchange(
-                    self.session, request.method, target_url(route.upstream, request),
-                    request_headers(request, keep_length=False), body,
-                    total_timeout(route.upstream_timeout),
-                ))  # fmt: skip
+            async with asyncio.timeout_at(deadline):  # the whole exchange, body included
+                upstream = await self.session.request(
+                    request.method, url, headers=request_headers(request, keep_length=False),
+                    data=body, allow_redirects=False,
+                )  # fmt: skip
                 content, whole = await read_bounded(upstream, route.max_stored_response)
-                ex.upstream_status = upstream.status
-                ex.upstream_seconds = time.perf_counter() - started
-                headers = response_headers(upstream.headers, keep_length=not whole)
-                if upstream.status in route.release_statuses:
-                    ex.outcome = "released"
-                    await self.release(record, lock.token)
-                elif whole:
-                    response = StoredResponse(upstream.status, tuple(headers), content)
-                    await self.record(record, lock.token, Outcome("response", response), route, ex)
-                    metrics.STORED_RESPONSE_BYTES.observe(len(content))
-                else:
-                    ex.outcome = "too_large"
-                    too_large = Outcome("too_large", StoredResponse(upstream.status, (), b""))
-                    await self.record(record, lock.token, too_large, route, ex)
-                if whole:
-                    return StoredResponse(upstream.status, tuple(headers), content)
-                return _Streamed(upstream, headers, content, stack.pop_all())
-        except UpstreamError as exc:
+        except UPSTREAM_ERRORS as exc:
+            if upstream is not None:
+                upstream.close()
             ex.upstream_seconds = time.perf_counter() - started
-            if not exc.delivered or route.on_unknown_outcome == "retry":
+            error = translate(exc, url)
+            if not error.delivered or route.on_unknown_outcome == "retry":
                 await self.release(record, lock.token)
-                raise
+                raise error from exc
             # Delivered, outcome unknown: this answer is the key's terminal result.
-            status, headers, content = exc.parts()
+            status, headers, content = error.parts()
             response = StoredResponse(status, tuple(headers), content)
+            ex.outcome = error.outcome
             await self.record(record, lock.token, Outcome("response", response), route, ex)
-            ex.outcome = exc.outcome if ex.outcome != "fenced" else "fenced"
             return response
         finally:
             lease.stop()
             metrics.IN_FLIGHT.dec()
+
+        ex.upstream_status = upstream.status
+        ex.upstream_seconds = time.perf_counter() - started
+        headers = response_headers(upstream.headers, keep_length=not whole)
+        if upstream.status in route.release_statuses:
+            ex.outcome = "released"
+            await self.release(record, lock.token)
+        elif whole:
+            stored = StoredResponse(upstream.status, tuple(headers), content)
+            await self.record(record, lock.token, Outcome("response", stored), route, ex)
+            metrics.STORED_RESPONSE_BYTES.observe(len(content))
+        else:
+            ex.outcome = "too_large"
+            too_large = Outcome("too_large", StoredResponse(upstream.status, (), b""))
+            await self.record(record, lock.token, too_large, route, ex)
+        if whole:
+            upstream.release()
+            return StoredResponse(upstream.status, tuple(headers), content)
+        return _Streamed(upstream, headers, content)
 
     async def record(self, record: str, token: str, outcome: Outcome,
                      route: RoutePolicy, ex: Exchange) -> None:  # fmt: skip
@@ -261,26 +265,28 @@ class Proxy:
             if body is not None
             else (request.content.iter_any() if request.body_exists else None)
         )
-        response = web.StreamResponse()
+        url = target_url(route.upstream, request)
         started = time.perf_counter()
         try:
-            async with exchange(
-                self.session, request.method, target_url(route.upstream, request),
-                request_headers(request, keep_length=body is None), data,
-                idle_timeout(route.upstream_timeout),
-            ) as upstream:  # fmt: skip
-                ex.upstream_status = upstream.status
-                response.set_status(upstream.status, upstream.reason)
-                response.headers.extend(response_headers(upstream.headers, keep_length=True))
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-        except UpstreamError:
-            if not response.prepared:
-                raise
+            upstream = await self.session.request(
+                request.method, url, headers=request_headers(request, keep_length=body is None),
+                data=data, allow_redirects=False, timeout=idle_timeout(route.upstream_timeout),
+            )  # fmt: skip
+        except UPSTREAM_ERRORS as exc:
+            ex.upstream_seconds = time.perf_counter() - started
+            raise translate(exc, url) from exc
+        ex.upstream_status = upstream.status
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(response_headers(upstream.headers, keep_length=True))
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except UPSTREAM_ERRORS:
             _abort(request)  # the status line is sent: all we can say is "truncated"
         finally:
+            upstream.release()
             ex.upstream_seconds = time.perf_counter() - started
         return response
 
@@ -361,32 +367,27 @@ def replay(outcome: Outcome, route: RoutePolicy) -> web.Response:
     return make_response(status, headers, body, REPLAYED)
 
 
-async def stream_rest(request: web.Request, streamed: _Streamed) -> web.StreamResponse:
-    async with streamed.closer:
-        response = web.StreamResponse(
-            status=streamed.upstream.status, reason=streamed.upstream.reason
-        )
-        response.headers.extend(streamed.headers)
-        await response.prepare(request)
-        try:
+async def stream_rest(
+    request: web.Request, streamed: _Streamed, deadline: float
+) -> web.StreamResponse:
+    """Send a response too large to store: what was read, then the rest as it comes."""
+    upstream = streamed.upstream
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(streamed.headers)
+    try:
+        async with asyncio.timeout_at(deadline):  # upstream_timeout covers the body too
+            await response.prepare(request)
             await response.write(streamed.prefix)
-            async for chunk in streamed.upstream.content.iter_any():
+            async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
-        except (aiohttp.ClientError, TimeoutError):
-            _abort(request)
-        return response
+    except (*UPSTREAM_ERRORS, ConnectionError):
+        _abort(request)
+    finally:
+        upstream.release()
+    return response
 
 
 def _abort(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
-
-
-def _close_unclaimed(task: asyncio.Task[StoredResponse | _Streamed]) -> None:
-    """The client left: a streamed result nobody will read must still close its upstream."""
-    if task.cancelled() or task.exception() is not None:
-        return
-    result = task.result()
-    if isinstance(result, _Streamed):
-        spawn(result.closer.aclose(), "close-unclaimed")

@@ -78,7 +78,9 @@ async def serve(
     """
     app = create_app(config, store)
     admin_app = create_admin_app(app, config_path)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    # handler_cancellation off: a client that disconnects must not cancel the upstream
+    # exchange of a first attempt; it completes and is recorded for the retry.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False,
                            shutdown_timeout=config.shutdown_grace)  # fmt: skip
     admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -8,8 +8,7 @@ everything after that (a timeout, a reset, a truncated answer) means "outcome un
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from email.utils import formatdate
 
 import aiohttp
@@ -17,7 +16,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.errors import UpstreamDisconnected, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -32,14 +36,19 @@ _KEEPALIVE = 15.0
 
 
 def create_session() -> aiohttp.ClientSession:
-    """The one pooled client for every upstream; bodies pass through undecoded."""
+    """The one pooled client for every upstream; bodies pass through undecoded.
+
+    Only connecting has a timeout of its own (a connect timeout proves the request was not
+    delivered); the protected path bounds the whole exchange with one `asyncio.timeout`,
+    cheaper than aiohttp's per-request timers.
+    """
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT),
     )
 
 
@@ -88,40 +97,24 @@ def target_url(upstream: str, request: web.BaseRequest) -> URL:
     return URL(upstream + request.raw_path, encoded=True)
 
 
-@asynccontextmanager
-async def exchange(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: URL,
-    headers: CIMultiDict[str],
-    data: bytes | AsyncIterator[bytes] | None,
-    timeout: aiohttp.ClientTimeout,
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """One upstream request; aiohttp errors leave here as `UpstreamError`s."""
-    try:
-        async with session.request(
-            method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
-        ) as response:
-            yield response
-    except aiohttp.ClientConnectorError as exc:  # the connection was never established
-        raise UpstreamUnreachable(f"cannot connect to {url.origin()}: {exc.os_error}") from exc
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamUnreachable(f"connecting to {url.origin()} timed out") from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError, aiohttp.ClientResponseError) as exc:  # fmt: skip
-        raise UpstreamDisconnected(
-            f"the upstream broke off the exchange after the request was sent ({exc!r}); "
-            "it may have acted on it"
-        ) from exc
-    except TimeoutError as exc:
-        raise UpstreamTimeout(
+# What an upstream exchange can raise; `translate` turns each into an `UpstreamError`.
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def translate(exc: BaseException, url: URL) -> UpstreamError:
+    """The `UpstreamError` for an aiohttp failure: was the request possibly delivered?"""
+    if isinstance(exc, aiohttp.ClientConnectorError):  # never connected
+        return UpstreamUnreachable(f"cannot connect to {url.origin()}: {exc.os_error}")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamUnreachable(f"connecting to {url.origin()} timed out")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(
             "the upstream did not answer within upstream_timeout; it may have acted on it"
-        ) from exc
-
-
-def total_timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """The whole exchange, body included, within `seconds` (the protected path)."""
-    return aiohttp.ClientTimeout(total=seconds, connect=min(seconds, _CONNECT_TIMEOUT))
+        )
+    return UpstreamDisconnected(
+        f"the upstream broke off the exchange after the request was sent ({exc!r}); "
+        "it may have acted on it"
+    )
 
 
 def idle_timeout(seconds: float) -> aiohttp.ClientTimeout:
