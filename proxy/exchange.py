@@ -7,6 +7,7 @@ however it ends. `render_problems` turns any `ProxyError` into problem+json.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,19 +52,20 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.observe_request(exchange.route, request.method, exchange.outcome, elapsed)
         if exchange.upstream_seconds is not None:
             metrics.observe_upstream(exchange.route, exchange.upstream_seconds)
-        logs.access({
-            "route": exchange.route,
-            "method": request.method,
-            "path": request.path,
-            "outcome": exchange.outcome,
-            "status": status,
-            "key_hash": exchange.record,
-            "upstream_status": exchange.upstream_status,
-            "upstream_ms": None if exchange.upstream_seconds is None
-            else round(exchange.upstream_seconds * 1000, 3),
-            "latency_ms": round(elapsed * 1000, 3),
-            "request_id": request.headers.get("X-Request-Id") or os.urandom(8).hex(),
-        })  # fmt: skip
+        if logs.ACCESS.isEnabledFor(logging.INFO):
+            logs.access({
+                "route": exchange.route,
+                "method": request.method,
+                "path": request.path,
+                "outcome": exchange.outcome,
+                "status": status,
+                "key_hash": exchange.record,
+                "upstream_status": exchange.upstream_status,
+                "upstream_ms": None if exchange.upstream_seconds is None
+                else round(exchange.upstream_seconds * 1000, 3),
+                "latency_ms": round(elapsed * 1000, 3),
+                "request_id": request.headers.get("X-Request-Id") or os.urandom(8).hex(),
+            })  # fmt: skip
 
 
 @web.middleware

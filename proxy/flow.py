@@ -331,6 +331,12 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
         raise BodyTooLarge(
             f"the request body is {request.content_length} bytes; the limit is {limit}"
         )
+    content = request.content
+    if content.is_eof():  # the usual case: the whole body came in with the headers
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
+        return body
     chunks: list[bytes] = []
     size = 0
     try:
