@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from proxy import logs, metrics
 from proxy.config import Config, RoutePolicy
@@ -85,7 +85,7 @@ class Proxy:
         self.config = config
         self.router = Router(config.routes)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ex = request[EXCHANGE]
         route = self.router.match(request.path)
         if route is None or request.method not in route.methods:
@@ -167,7 +167,7 @@ class Proxy:
         finally:
             metrics.WAITERS.dec()
 
-    async def execute(self, request: web.Request, route: RoutePolicy, record: str,
+    async def execute(self, request: web.BaseRequest, route: RoutePolicy, record: str,
                       lock: Acquired, body: bytes, ex: Exchange) -> web.StreamResponse:  # fmt: skip
         """Forward a first attempt, record its outcome, answer the client.
 
@@ -181,7 +181,7 @@ class Proxy:
             return make_response(result.status, result.headers, result.body)
         return await stream_rest(request, result, deadline)
 
-    async def forward_and_record(self, request: web.Request, route: RoutePolicy, record: str,
+    async def forward_and_record(self, request: web.BaseRequest, route: RoutePolicy, record: str,
                                  lock: Acquired, body: bytes, ex: Exchange,
                                  deadline: float) -> StoredResponse | _Streamed:  # fmt: skip
         """The owner's exchange: forward, then complete (store) or release the record."""
@@ -257,9 +257,11 @@ class Proxy:
             logs.event("record not released: store failed",
                        key_hash=record.removeprefix(STORAGE_PREFIX), error=exc.detail)  # fmt: skip
 
-    async def stream(self, request: web.Request, route: RoutePolicy, ex: Exchange,
+    async def stream(self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange,
                      body: bytes | None = None) -> web.StreamResponse:  # fmt: skip
         """Pass a request through without buffering either direction (unless `body`)."""
+        if body is None:
+            await send_continue(request)
         data = (
             body
             if body is not None
@@ -325,12 +327,13 @@ class LeaseKeeper:
             self._task.cancel()
 
 
-async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int, timeout: float) -> bytes:
     """The whole request body, or 413 as soon as it is known to exceed `limit`."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
             f"the request body is {request.content_length} bytes; the limit is {limit}"
         )
+    await send_continue(request)
     content = request.content
     if content.is_eof():  # the usual case: the whole body came in with the headers
         body = content.read_nowait()
@@ -349,6 +352,21 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
     except TimeoutError as exc:
         raise BodyTimeout(f"the request body did not arrive within {timeout:g}s") from exc
     return b"".join(chunks)
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` once the proxy has decided to read the body.
+
+    Called only after the key and the declared length have passed, so a request the proxy
+    refuses is refused before the client sends its body.
+    """
+    if (
+        request.version == HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+        and not request.content.is_eof()
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response's size
 
 
 def replay(outcome: Outcome, route: RoutePolicy) -> web.Response:
@@ -374,7 +392,7 @@ def replay(outcome: Outcome, route: RoutePolicy) -> web.Response:
 
 
 async def stream_rest(
-    request: web.Request, streamed: _Streamed, deadline: float
+    request: web.BaseRequest, streamed: _Streamed, deadline: float
 ) -> web.StreamResponse:
     """Send a response too large to store: what was read, then the rest as it comes."""
     upstream = streamed.upstream
@@ -394,6 +412,6 @@ async def stream_rest(
     return response
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     if request.transport is not None:
         request.transport.close()

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from proxy import logs
 from proxy.admin import create_admin_app
-from proxy.app import PROXY, create_app
+from proxy.app import PROXY, create_app, proxy_handler
 from proxy.config import Config, ConfigError, describe, load_config
 from proxy.store import Store
 
@@ -78,25 +78,28 @@ async def serve(
     """
     app = create_app(config, store)
     admin_app = create_admin_app(app, config_path)
+    resources = web.AppRunner(app, handle_signals=False)  # runs the app's startup and cleanup
+    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    await resources.setup()
     # handler_cancellation off: a client that disconnects must not cancel the upstream
     # exchange of a first attempt; it completes and is recorded for the retry.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False,
-                           shutdown_timeout=config.shutdown_grace)  # fmt: skip
-    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await admin_runner.setup()
-    sock = bind(config.listen, reuse_port)
-    admin_sock = bind(config.admin_listen, reuse_port)
+    server = web.Server(proxy_handler(app[PROXY]), handler_cancellation=False, access_log=None)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=config.shutdown_grace)
     try:
+        await runner.setup()
+        await admin_runner.setup()
+        sock = bind(config.listen, reuse_port)
+        admin_sock = bind(config.admin_listen, reuse_port)
         await web.SockSite(runner, sock, backlog=1024).start()
         await web.SockSite(admin_runner, admin_sock).start()
         yield Running(app, admin_app, sock.getsockname()[1], admin_sock.getsockname()[1],
                       config.listen[0], config.admin_listen[0])  # fmt: skip
     finally:
-        # Closes the proxy listener first, waits for handlers, then the cleanup context
-        # drains the shielded upstream exchanges and closes the store.
+        # Stop accepting and let in-flight requests finish and record (up to the grace
+        # period), then close the admin listener, and only then the store and client.
         await runner.cleanup()
         await admin_runner.cleanup()
+        await resources.cleanup()
 
 
 async def run(config: Config, config_path: str | None, reuse_port: bool = False) -> None:
