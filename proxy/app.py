@@ -15,6 +15,7 @@ from functools import partial
 
 from aiohttp import web
 
+from proxy import metrics
 from proxy.config import Config
 from proxy.exchange import MIDDLEWARES, Handler
 from proxy.flow import Proxy
@@ -34,7 +35,10 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         session = create_session()
         app[STORE] = backend
         app[PROXY] = Proxy(config, backend, session)
+        flusher = metrics.Flusher()
+        flusher.start()
         yield
+        flusher.stop()
         await session.close()
         if store is None:
             await backend.close()

@@ -148,7 +148,7 @@ class Proxy:
         """Poll until the first attempt settles or `wait_timeout` passes."""
         deadline = time.monotonic() + route.wait_timeout
         delay = _WAIT_FIRST_POLL
-        metrics.WAITERS.inc()
+        metrics.WAITING.inc()
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -165,7 +165,7 @@ class Proxy:
                 if not isinstance(decision, InProgress):
                     return decision
         finally:
-            metrics.WAITERS.dec()
+            metrics.WAITING.dec()
 
     async def execute(self, request: web.BaseRequest, route: RoutePolicy, record: str,
                       lock: Acquired, body: bytes, ex: Exchange) -> web.StreamResponse:  # fmt: skip
@@ -187,7 +187,7 @@ class Proxy:
         """The owner's exchange: forward, then complete (store) or release the record."""
         ex.outcome = "forwarded"
         lease = LeaseKeeper(self.store, record, lock.token, route.lease)
-        metrics.IN_FLIGHT.inc()
+        metrics.IN_FLIGHT_RECORDS.inc()
         url = target_url(route.upstream, request)
         started = time.perf_counter()
         upstream: aiohttp.ClientResponse | None = None
@@ -214,7 +214,7 @@ class Proxy:
             return response
         finally:
             lease.stop()
-            metrics.IN_FLIGHT.dec()
+            metrics.IN_FLIGHT_RECORDS.dec()
 
         ex.upstream_status = upstream.status
         ex.upstream_seconds = time.perf_counter() - started
@@ -225,7 +225,7 @@ class Proxy:
         elif whole:
             stored = StoredResponse(upstream.status, tuple(headers), content)
             await self.record(record, lock.token, Outcome("response", stored), route, ex)
-            metrics.STORED_RESPONSE_BYTES.observe(len(content))
+            metrics.STORED_BYTES.observe(len(content))
         else:
             ex.outcome = "too_large"
             too_large = Outcome("too_large", StoredResponse(upstream.status, (), b""))

@@ -342,6 +342,14 @@ async def test_workers_add_up_their_metrics_and_all_reload(
             headers = {"Idempotency-Key": f"w-{index}"}
             async with client.post(proxy.url + "/v1/pay", data=b"{}", headers=headers) as response:
                 assert response.status == 201
+        # Each worker hands its counts to the shared files at least once a second.
+        deadline = asyncio.get_running_loop().time() + 3
+        total = 0.0
+        while total != sent and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+            samples = await scrape(client, proxy.admin_url)
+            total = sum(count for (name, labels), count in samples.items()
+                        if name == "idempotency_proxy_requests_total")  # fmt: skip
         for _ in range(6):
             samples = await scrape(client, proxy.admin_url)
             total = sum(count for (name, labels), count in samples.items()
