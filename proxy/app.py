@@ -38,6 +38,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         flusher = metrics.Flusher()
         flusher.start()
         yield
+        app[PROXY].leases.close()
         flusher.stop()
         await session.close()
         if store is None:

@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.keys import STORAGE_PREFIX, fingerprint_request, parse_key, scope_of, storage_key
+from proxy.leases import Leases
 from proxy.routing import Router
 from proxy.store.base import (
     Acquired,
@@ -46,7 +47,6 @@ from proxy.store.base import (
     Store,
     StoredResponse,
 )
-from proxy.tasks import spawn
 from proxy.upstream import (
     UPSTREAM_ERRORS,
     idle_timeout,
@@ -79,6 +79,8 @@ class Proxy:
     def __init__(self, config: Config, store: Store, session: aiohttp.ClientSession) -> None:
         self.store = store
         self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.leases = Leases(store)
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -175,7 +177,7 @@ class Proxy:
         `handler_cancellation` off (see `proxy.server`), so the exchange still completes and
         is recorded, and the retry replays it.
         """
-        deadline = asyncio.get_running_loop().time() + route.upstream_timeout
+        deadline = self.loop.time() + route.upstream_timeout
         result = await self.forward_and_record(request, route, record, lock, body, ex, deadline)
         if isinstance(result, StoredResponse):
             return make_response(result.status, result.headers, result.body)
@@ -186,7 +188,7 @@ class Proxy:
                                  deadline: float) -> StoredResponse | _Streamed:  # fmt: skip
         """The owner's exchange: forward, then complete (store) or release the record."""
         ex.outcome = "forwarded"
-        lease = LeaseKeeper(self.store, record, lock.token, route.lease)
+        lease = self.leases.hold(record, lock.token, route.lease)
         metrics.IN_FLIGHT_RECORDS.inc()
         url = target_url(route.upstream, request)
         started = time.perf_counter()
@@ -213,7 +215,7 @@ class Proxy:
             await self.record(record, lock.token, Outcome("response", response), route, ex)
             return response
         finally:
-            lease.stop()
+            self.leases.release(lease)
             metrics.IN_FLIGHT_RECORDS.dec()
 
         ex.upstream_status = upstream.status
@@ -291,40 +293,6 @@ class Proxy:
             upstream.release()
             ex.upstream_seconds = time.perf_counter() - started
         return response
-
-
-class LeaseKeeper:
-    """Renews a record's lease every lease/3 while its owner works, with a timer, not a task:
-    most exchanges end before the first renewal is due."""
-
-    def __init__(self, store: Store, record: str, token: str, lease: float) -> None:
-        self._store, self._record, self._token, self._lease = store, record, token, lease
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(lease / 3, self._due)
-        self._task: asyncio.Task[None] | None = None
-
-    def _due(self) -> None:
-        self._task = spawn(self._renew(), "lease-renewal")
-
-    async def _renew(self) -> None:
-        try:
-            renewed = await self._store.renew(self._record, self._token, lease=self._lease)
-        except StoreError as exc:
-            metrics.LEASE_RENEWALS.labels("error").inc()
-            record = self._record.removeprefix(STORAGE_PREFIX)
-            logs.event("lease renewal failed", key_hash=record, error=exc.detail)
-            renewed = True  # keep trying: the store may come back before the lease lapses
-        else:
-            metrics.LEASE_RENEWALS.labels("renewed" if renewed else "lost").inc()
-        if renewed and self._timer is not None:
-            self._timer = self._loop.call_later(self._lease / 3, self._due)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._task is not None:
-            self._task.cancel()
 
 
 async def read_body(request: web.BaseRequest, limit: int, timeout: float) -> bytes:

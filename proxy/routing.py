@@ -8,7 +8,8 @@ A path that no route matches is proxied untouched.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import methodcaller
 
 from proxy.config import RoutePolicy
 
@@ -19,12 +20,26 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
                               for part in re.split(r"(\*)", pattern)) + r"\Z")  # fmt: skip
 
 
+def compile_matcher(pattern: str) -> Callable[[str], object]:
+    """A predicate for `pattern`: plain string tests for the common shapes, else a regex.
+
+    `/v1/payments/*` (one trailing star) is a prefix test and `/exact` an equality test;
+    they run on every request, and a regex match costs several times more.
+    """
+    star = pattern.find("*")
+    if star == -1:
+        return pattern.__eq__
+    if star == len(pattern) - 1:
+        return methodcaller("startswith", pattern[:-1])
+    return compile_pattern(pattern).match
+
+
 class Router:
     """The configured routes, compiled, in the order they were written."""
 
     def __init__(self, routes: Sequence[RoutePolicy]) -> None:
         self.routes = tuple(routes)
-        self._compiled = tuple((compile_pattern(r.path).match, r) for r in self.routes)
+        self._compiled = tuple((compile_matcher(r.path), r) for r in self.routes)
 
     def match(self, path: str) -> RoutePolicy | None:
         """The first route whose pattern matches `path`, or None."""
