@@ -37,6 +37,10 @@ class ReplyError(Exception):
     """An error reply from Redis (`-ERR ...`, `-NOSCRIPT ...`), returned, not raised."""
 
 
+class Unanswered(StoreUnavailable):
+    """The command was written but not answered in time: Redis may still run it later."""
+
+
 def encode(args: tuple[Any, ...]) -> bytes:
     """A command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
@@ -83,7 +87,7 @@ class _Protocol(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
-        error = StoreUnavailable(f"redis: {reason}", retry_after=1)
+        error = Unanswered(f"redis: {reason}", retry_after=1)
         while self.waiters:
             future, _ = self.waiters.popleft()
             if not future.done():

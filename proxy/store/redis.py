@@ -41,7 +41,8 @@ from proxy.store.base import (
     Replay,
     StoredResponse,
 )
-from proxy.store.connection import RedisConnection, ReplyError
+from proxy.store.connection import RedisConnection, ReplyError, Unanswered
+from proxy.tasks import spawn
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
 # clock), and when done: kind, status, hdrs, body.
@@ -159,6 +160,11 @@ def _outcome(kind: bytes, status: bytes, hdrs: bytes, body: bytes) -> Outcome:
     return Outcome(kind_name, StoredResponse(int(status), decode_headers(hdrs), body))
 
 
+# Releasing the records of begins that went unanswered: first after this long, then backing off.
+_WITHDRAW_FIRST = 0.05
+_WITHDRAW_MAX = 1.0
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "no answer within the store timeout"
@@ -173,6 +179,9 @@ class RedisStore:
         self._timeout = timeout
         self._connection = RedisConnection(url, timeout)
         self._admin_client: aioredis.Redis | None = None
+        # (record, token) of begins that went unanswered -> releases Redis answered since.
+        self._orphans: dict[tuple[str, str], int] = {}
+        self._withdrawing: asyncio.Task[None] | None = None
 
     async def _call(self, script: _Script, key: str, *args: Any) -> Any:
         """Run a script by SHA; send its source only when Redis has not seen it."""
@@ -188,9 +197,19 @@ class RedisStore:
         self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
     ) -> Decision:
         token = os.urandom(12).hex()
-        reply = await self._call(
-            _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0
-        )
+        try:
+            reply = await self._call(
+                _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0
+            )
+        except Unanswered:
+            # Redis may still run this begin when it reads it (a frozen or overloaded server
+            # works through its socket buffers when it resumes). Its record would be in flight
+            # under a token nobody holds: the retry our 503 invites would meet 409, then
+            # "outcome unknown" for a request never forwarded. Withdraw it if it lands.
+            self._orphans[(key, token)] = 0
+            if self._withdrawing is None or self._withdrawing.done():
+                self._withdrawing = spawn(self._withdraw(), "store-withdraw")
+            raise
         code = reply[0]
         if code == 1:
             return Acquired(token)
@@ -201,6 +220,29 @@ class RedisStore:
         if code == 4:
             return InProgress(reply[1] / 1000)
         return Mismatch()
+
+    async def _withdraw(self) -> None:
+        """Release, fenced by their tokens, the records of begins that went unanswered.
+
+        Redis answers in the order it reads its sockets: once it has answered two releases
+        sent after a begin went unanswered, it has run that begin, or never will.
+        """
+        delay = _WITHDRAW_FIRST
+        while self._orphans:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WITHDRAW_MAX)
+            pending = list(self._orphans)
+            results = await asyncio.gather(
+                *(self._call(_RELEASE, key, token) for key, token in pending),
+                return_exceptions=True,
+            )
+            for orphan, result in zip(pending, results, strict=True):
+                if isinstance(result, BaseException):
+                    continue
+                if result or self._orphans[orphan] >= 1:
+                    del self._orphans[orphan]
+                else:
+                    self._orphans[orphan] += 1
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return bool(await self._call(_RENEW, key, token, _ms(lease)))
@@ -272,6 +314,8 @@ class RedisStore:
         return counts
 
     async def close(self) -> None:
+        if self._withdrawing is not None:
+            self._withdrawing.cancel()
         await self._connection.close()
         if self._admin_client is not None:
             await self._admin_client.aclose()
