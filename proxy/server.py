@@ -16,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from aiohttp import web
 
@@ -23,7 +24,13 @@ from proxy import logs
 from proxy.admin import create_admin_app
 from proxy.app import PROXY, create_app, proxy_handler
 from proxy.config import Config, ConfigError, describe, load_config
+from proxy.exchange import Handler
 from proxy.store import Store
+
+# After the grace, how long aiohttp lets the handlers cancelled at its end unwind. aiohttp
+# waits its shutdown_timeout twice (for handlers, then for their cancellation), so the grace
+# itself is spent in `InFlight.drain`, not there.
+_UNWIND = 0.1
 
 
 def bind(address: tuple[str, int], reuse_port: bool = False) -> socket.socket:
@@ -67,6 +74,40 @@ def _connectable(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class InFlight:
+    """The requests being handled, so that a shutdown can wait for them within the grace."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._idle: asyncio.Event | None = None
+
+    def track(self, handler: Handler) -> Handler:
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)
+            try:
+                return await handler(request)
+            finally:
+                self.tasks.discard(task)
+                if not self.tasks and self._idle is not None:
+                    self._idle.set()
+
+        return tracked
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for every request to finish; cancel the rest, say how many."""
+        if self.tasks:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                for task in self.tasks:
+                    task.cancel()
+        return len(self.tasks)
+
+
 @asynccontextmanager
 async def serve(
     config: Config, store: Store | None = None, reuse_port: bool = False,
@@ -83,8 +124,10 @@ async def serve(
     await resources.setup()
     # handler_cancellation off: a client that disconnects must not cancel the upstream
     # exchange of a first attempt; it completes and is recorded for the retry.
-    server = web.Server(proxy_handler(app[PROXY]), handler_cancellation=False, access_log=None)
-    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=config.shutdown_grace)
+    in_flight = InFlight()
+    server = web.Server(in_flight.track(proxy_handler(app[PROXY])),
+                        handler_cancellation=False, access_log=None)  # fmt: skip
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_UNWIND)
     try:
         await runner.setup()
         await admin_runner.setup()
@@ -95,8 +138,15 @@ async def serve(
         yield Running(app, admin_app, sock.getsockname()[1], admin_sock.getsockname()[1],
                       config.listen[0], config.admin_listen[0])  # fmt: skip
     finally:
-        # Stop accepting and let in-flight requests finish and record (up to the grace
-        # period), then close the admin listener, and only then the store and client.
+        # Stop accepting and let in-flight requests finish and record within the grace
+        # period (terminationGracePeriodSeconds is sized for it), cancel what is left, then
+        # close the admin listener, and only then the store and client.
+        for site in list(runner.sites):
+            await site.stop()  # new connections are refused from here on
+        server.pre_shutdown()  # keep-alive connections close after their request
+        left = await in_flight.drain(app[PROXY].config.shutdown_grace)
+        if left:
+            logs.event("shutdown grace ran out; cancelled requests in flight", left=left)
         await runner.cleanup()
         await admin_runner.cleanup()
         await resources.cleanup()
