@@ -93,8 +93,23 @@ def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> li
     return pairs
 
 
+def origin_form(request: web.BaseRequest) -> str:
+    """The request target as `/path?query`, exactly as the client encoded it.
+
+    A server must also accept the absolute form, `POST http://host/path` (RFC 9112 3.2.2).
+    Its scheme and authority never choose where the proxy forwards: appended to the
+    upstream URL as sent, they make a port like `9000http:` (a 500 that leaves the key
+    locked), or, behind an upstream without a port, let the client extend its host name
+    (`http://legacy` + `admin://x/` is host `legacyadmin`).
+    """
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw
+    return URL(raw, encoded=True).raw_path_qs
+
+
 def target_url(upstream: str, request: web.BaseRequest) -> URL:
-    return URL(upstream + request.raw_path, encoded=True)
+    return URL(upstream + origin_form(request), encoded=True)
 
 
 # What an upstream exchange can raise; `translate` turns each into an `UpstreamError`.
