@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -51,6 +52,7 @@ from proxy.upstream import (
     UPSTREAM_ERRORS,
     idle_timeout,
     make_response,
+    origin_form,
     read_bounded,
     request_headers,
     response_headers,
@@ -108,7 +110,7 @@ class Proxy:
         scope = scope_of((name, request.headers.getall(name, ())) for name in route.scope_headers)
         record = storage_key(self.config.store.namespace, scope, key)
         ex.record = record[len(STORAGE_PREFIX) :]
-        raw_path, _, query = request.raw_path.partition("?")
+        raw_path, _, query = origin_form(request).partition("?")
         fingerprint = fingerprint_request(request.method, raw_path, query, body)
 
         try:
@@ -262,13 +264,13 @@ class Proxy:
     async def stream(self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange,
                      body: bytes | None = None) -> web.StreamResponse:  # fmt: skip
         """Pass a request through without buffering either direction (unless `body`)."""
-        if body is None:
+        data: bytes | AsyncIterator[bytes] | None = body
+        if body is None and request.body_exists:
             await send_continue(request)
-        data = (
-            body
-            if body is not None
-            else (request.content.iter_any() if request.body_exists else None)
-        )
+            if request.content.is_eof():  # it all came with the headers: no need to stream
+                data = request.content.read_nowait()
+            else:
+                data = stream_body(request, self.config.body_read_timeout)
         url = target_url(route.upstream, request)
         started = time.perf_counter()
         try:
@@ -278,6 +280,8 @@ class Proxy:
             )  # fmt: skip
         except UPSTREAM_ERRORS as exc:
             ex.upstream_seconds = time.perf_counter() - started
+            if isinstance(exc.__cause__, BodyTimeout):  # the client stalled, not the upstream
+                raise exc.__cause__ from None
             raise translate(exc, url) from exc
         ex.upstream_status = upstream.status
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -335,6 +339,21 @@ async def send_continue(request: web.BaseRequest) -> None:
     ):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the 100 is not part of the response's size
+
+
+async def stream_body(request: web.BaseRequest, idle: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives. A client silent for `idle` seconds is cut off, so a
+    body that stalls (or whose chunked framing broke mid-way, which aiohttp never reports to
+    the handler) cannot hold an upstream connection forever."""
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await request.content.readany()
+        except TimeoutError as exc:
+            raise BodyTimeout(f"the request body stalled for {idle:g}s") from exc
+        if not chunk:
+            return
+        yield chunk
 
 
 def replay(outcome: Outcome, route: RoutePolicy) -> web.Response:
