@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 ACCESS = logging.getLogger("idempotency_proxy.access")
 EVENTS = logging.getLogger("idempotency_proxy")
 
@@ -36,14 +38,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class ClientFaults(logging.Filter):
+    """aiohttp logs every request it cannot parse as an ERROR with a traceback. The fault is
+    the client's and anyone can send one: keep it as one warning line saying what was wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "unparseable request", ()
+            record.fields = {"status": exc.code, "error": exc.message.strip().splitlines()[0]}
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure(level: str) -> None:
-    """Send every proxy log line to stderr as JSON at `level`."""
+    """Send every log line to stderr as JSON: the proxy's at `level`, aiohttp's warnings."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("idempotency_proxy")
     root.handlers[:] = [handler]
     root.propagate = False
     set_level(level)
+    aiohttp_logs = logging.getLogger("aiohttp")
+    aiohttp_logs.handlers[:] = [handler]
+    aiohttp_logs.propagate = False
+    aiohttp_logs.setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientFaults())
 
 
 def set_level(level: str) -> None:
