@@ -10,13 +10,13 @@ process's signal handling around it: SIGTERM/SIGINT drain and exit, SIGHUP reloa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from aiohttp import web
 
@@ -75,37 +75,37 @@ def _connectable(host: str) -> str:
 
 
 class InFlight:
-    """The requests being handled, so that a shutdown can wait for them within the grace."""
+    """Counts the requests being handled, so that a shutdown can wait for them.
+
+    A count, not a set of tasks: the requests left when the grace runs out are cancelled by
+    the server's own cleanup, and asking for the current task costs a system call per
+    request on Python 3.11.
+    """
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.count = 0
         self._idle: asyncio.Event | None = None
 
     def track(self, handler: Handler) -> Handler:
         async def tracked(request: web.BaseRequest) -> web.StreamResponse:
-            task = asyncio.current_task()
-            assert task is not None
-            self.tasks.add(task)
+            self.count += 1
             try:
                 return await handler(request)
             finally:
-                self.tasks.discard(task)
-                if not self.tasks and self._idle is not None:
+                self.count -= 1
+                if not self.count and self._idle is not None:
                     self._idle.set()
 
         return tracked
 
     async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` for every request to finish; cancel the rest, say how many."""
-        if self.tasks:
+        """Wait up to `timeout` for every request to finish; say how many are left."""
+        if self.count:
             self._idle = asyncio.Event()
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._idle.wait()
-            except TimeoutError:
-                for task in self.tasks:
-                    task.cancel()
-        return len(self.tasks)
+        return self.count
 
 
 @asynccontextmanager
@@ -146,7 +146,7 @@ async def serve(
         server.pre_shutdown()  # keep-alive connections close after their request
         left = await in_flight.drain(app[PROXY].config.shutdown_grace)
         if left:
-            logs.event("shutdown grace ran out; cancelled requests in flight", left=left)
+            logs.event("shutdown grace ran out; cancelling requests in flight", left=left)
         await runner.cleanup()
         await admin_runner.cleanup()
         await resources.cleanup()

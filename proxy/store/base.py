@@ -11,10 +11,22 @@ Times cross the seam as seconds (floats); backends measure leases with their own
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 OutcomeKind = Literal["response", "too_large", "unknown"]
+
+# Fencing tokens only need to be unique: a random prefix per process and a counter. (No
+# system call per request, unlike os.urandom; tokens never leave the proxy.)
+_TOKEN_PREFIX = os.urandom(8).hex()
+_token_serial = itertools.count()
+
+
+def new_token() -> str:
+    """A fencing token no other owner, in any process, has used."""
+    return f"{_TOKEN_PREFIX}{next(_token_serial):x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ The clock is injectable so leases and TTLs are tested without sleeping.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from proxy.store.base import (
     Outcome,
     RecordInfo,
     Replay,
+    new_token,
 )
 
 # After a sweep the store is trimmed to this share of its caps, so a full store does not
@@ -41,10 +41,6 @@ class _Record:
     lease_until: float = 0.0
     outcome: Outcome | None = None
     size: int = _RECORD_OVERHEAD
-
-
-def new_token() -> str:
-    return os.urandom(12).hex()
 
 
 class MemoryStore:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from proxy.store.base import (
     RecordInfo,
     Replay,
     StoredResponse,
+    new_token,
 )
 from proxy.store.connection import RedisConnection, ReplyError, Unanswered
 from proxy.tasks import spawn
@@ -196,7 +196,7 @@ class RedisStore:
     async def begin(
         self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
     ) -> Decision:
-        token = os.urandom(12).hex()
+        token = new_token()
         try:
             reply = await self._call(
                 _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0
