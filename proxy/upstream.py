@@ -30,7 +30,7 @@ HOP_BY_HOP = frozenset(
               "Trailer", "Transfer-Encoding", "Upgrade", "Proxy-Connection", "Expect")
 )  # fmt: skip
 # Recomputed by whoever writes the body next.
-_FRAMING = frozenset(("content-length",))
+_HOP_BY_HOP_AND_FRAMING = HOP_BY_HOP | {"content-length"}
 _CONNECT_TIMEOUT = 5.0
 _KEEPALIVE = 15.0
 
@@ -52,30 +52,36 @@ def create_session() -> aiohttp.ClientSession:
     )
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """Headers named in `Connection` are hop-by-hop too."""
-    return {
+def _dropped(headers: CIMultiDictProxy[str], keep_length: bool) -> frozenset[str]:
+    """Header names not to pass on: hop-by-hop ones, those named in `Connection`, and
+    `Content-Length` when the body is re-framed."""
+    drop = HOP_BY_HOP if keep_length else _HOP_BY_HOP_AND_FRAMING
+    connection = headers.get("Connection")  # usually absent or a bare keep-alive/close
+    if connection is None:
+        return drop
+    named = {
         token.strip().lower()
-        for value in headers.getall("Connection", ())
+        for value in headers.getall("Connection")
         for token in value.split(",")
         if token.strip()
     }
+    return drop | named
 
 
 def request_headers(request: web.BaseRequest, keep_length: bool) -> CIMultiDict[str]:
     """Headers to send upstream: the client's, less hop-by-hop, plus X-Forwarded-*."""
-    drop = HOP_BY_HOP | _connection_tokens(request.headers)
-    if not keep_length:
-        drop = drop | _FRAMING
+    headers = request.headers
+    drop = _dropped(headers, keep_length)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in request.headers.items() if name.lower() not in drop
+        [(name, value) for name, value in headers.items() if name.lower() not in drop]
     )
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    prior = headers.get("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     out["X-Forwarded-Proto"] = request.scheme
-    if "Host" in request.headers:
-        out["X-Forwarded-Host"] = request.headers["Host"]
+    host = headers.get("Host")
+    if host is not None:
+        out["X-Forwarded-Host"] = host
     return out
 
 
@@ -84,9 +90,7 @@ def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> li
 
     A response without `Date` gets one now, so a replay carries the first answer's date.
     """
-    drop = HOP_BY_HOP | _connection_tokens(headers)
-    if not keep_length:
-        drop = drop | _FRAMING
+    drop = _dropped(headers, keep_length)
     pairs = [(name, value) for name, value in headers.items() if name.lower() not in drop]
     if "Date" not in headers:
         pairs.append(("Date", formatdate(usegmt=True)))
