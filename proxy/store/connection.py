@@ -131,7 +131,7 @@ class RedisConnection:
         protocol.queue.append(encode(args))
         protocol.waiters.append((future, time.monotonic() + self._timeout))
         if self._watchdog is None:
-            self._arm(protocol)
+            self._arm()
         return await future
 
     def _flush(self, protocol: _Protocol) -> None:
@@ -140,18 +140,21 @@ class RedisConnection:
             return  # its waiters were failed when it closed
         protocol.transport.write(data)
 
-    def _arm(self, protocol: _Protocol) -> None:
+    def _arm(self) -> None:
         loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(self._timeout / 4, self._check, protocol)
+        self._watchdog = loop.call_later(self._timeout / 4, self._check)
 
-    def _check(self, protocol: _Protocol) -> None:
+    def _check(self) -> None:
+        # The connection of now, not the one the timer was armed for: a connection that
+        # replaced a lost one must be watched too.
         self._watchdog = None
-        if protocol.closed or not protocol.waiters:
+        protocol = self._protocol
+        if protocol is None or protocol.closed or not protocol.waiters:
             return
         if protocol.waiters[0][1] < time.monotonic():
             protocol.fail("no answer within the store timeout")
             return
-        self._arm(protocol)
+        self._arm()
 
     def lost(self, protocol: _Protocol) -> None:
         if self._protocol is protocol:

@@ -106,3 +106,36 @@ async def test_reconnects_after_redis_restarts(redis: RedisServer) -> None:
         assert isinstance(again, InProgress)
     finally:
         await store.close()
+
+
+async def test_a_replacement_connection_is_watched_too() -> None:
+    """After a lost connection, a silent replacement still fails its callers in time."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def first_answers_then_closes(reader: asyncio.StreamReader,
+                                        writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        accepted.append(writer)
+        if len(accepted) == 1:
+            await reader.readline()
+            writer.write(b"+PONG\r\n")
+            await writer.drain()
+            writer.close()
+        # later connections: accepted, never answered
+
+    server = await asyncio.start_server(first_answers_then_closes, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = RedisConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    try:
+        assert await connection.call("PING") == b"PONG"
+        await asyncio.sleep(0.01)  # the server hangs up; the first watchdog is still pending
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            async with asyncio.timeout(3):
+                await connection.call("PING")
+        assert time.monotonic() - started < 1.0
+    finally:
+        await connection.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
