@@ -15,13 +15,14 @@ from functools import partial
 
 from aiohttp import web
 
-from proxy import metrics
+from proxy import metrics, tasks
 from proxy.config import Config
 from proxy.exchange import MIDDLEWARES, Handler
 from proxy.flow import Proxy
 from proxy.store import MeasuredStore, Store, open_store
 from proxy.upstream import create_session
 
+_RETRY_DRAIN = 2.0
 STORE = web.AppKey("store", Store)
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -38,6 +39,10 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
         flusher = metrics.Flusher()
         flusher.start()
         yield
+        # Give results that a brief store outage left unrecorded a last chance.
+        await tasks.drain("store-retry", _RETRY_DRAIN)
+        for task in tasks.running("store-retry"):
+            task.cancel()
         app[PROXY].leases.close()
         flusher.stop()
         await session.close()

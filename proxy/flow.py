@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -48,6 +48,7 @@ from proxy.store.base import (
     Store,
     StoredResponse,
 )
+from proxy.tasks import spawn
 from proxy.upstream import (
     UPSTREAM_ERRORS,
     idle_timeout,
@@ -64,6 +65,8 @@ REPLAYED = (("Idempotent-Replayed", "true"),)
 _WAIT_FIRST_POLL = 0.005
 _WAIT_MAX_POLL = 0.1
 _CONFLICT_RETRY_AFTER = 1.0
+_STORE_RETRY_FIRST = 0.05
+_STORE_RETRY_MAX = 1.0
 
 
 @dataclass(slots=True)
@@ -208,7 +211,7 @@ class Proxy:
             ex.upstream_seconds = time.perf_counter() - started
             error = translate(exc, url)
             if not error.delivered or route.on_unknown_outcome == "retry":
-                await self.release(record, lock.token)
+                await self.release(record, lock.token, route.lease)
                 raise error from exc
             # Delivered, outcome unknown: this answer is the key's terminal result.
             status, headers, content = error.parts()
@@ -225,7 +228,7 @@ class Proxy:
         headers = response_headers(upstream.headers, keep_length=not whole)
         if upstream.status in route.release_statuses:
             ex.outcome = "released"
-            await self.release(record, lock.token)
+            await self.release(record, lock.token, route.lease)
         elif whole:
             stored = StoredResponse(upstream.status, tuple(headers), content)
             await self.record(record, lock.token, Outcome("response", stored), route, ex)
@@ -241,25 +244,63 @@ class Proxy:
 
     async def record(self, record: str, token: str, outcome: Outcome,
                      route: RoutePolicy, ex: Exchange) -> None:  # fmt: skip
+        """Complete the record. If the store fails, the client still gets its answer now,
+        and the result is recorded in the background once the store answers again."""
         try:
             stored = await self.store.complete(record, token, outcome, ttl=route.ttl)
         except StoreError as exc:
-            metrics.UNRECORDED.labels(route.id).inc()
-            logs.event("result not recorded: store failed after the upstream answered",
+            logs.event("store failed after the upstream answered; recording in the background",
                        route=route.id, key_hash=ex.record, error=exc.detail)  # fmt: skip
+            spawn(self.record_later(record, token, outcome, route), "store-retry")
             return
         if not stored:
             ex.outcome = "fenced"
             logs.event("result not recorded: the record was taken over (fenced out)",
                        route=route.id, key_hash=ex.record)  # fmt: skip
 
-    async def release(self, record: str, token: str) -> None:
+    async def record_later(self, record: str, token: str, outcome: Outcome,
+                           route: RoutePolicy) -> None:  # fmt: skip
+        """Retry a failed complete for up to one lease: a store that restarts quickly (with
+        its data) then replays the result instead of answering "outcome unknown"."""
+        key_hash = record.removeprefix(STORAGE_PREFIX)
+        stored = await self.keep_trying(
+            lambda: self.store.complete(record, token, outcome, ttl=route.ttl), route.lease
+        )
+        if stored is None:
+            metrics.UNRECORDED.labels(route.id).inc()
+            logs.event("result not recorded: the store did not come back within the lease",
+                       route=route.id, key_hash=key_hash)  # fmt: skip
+        else:
+            logs.event("result recorded after the store came back" if stored
+                       else "result not recorded: the record was taken over (fenced out)",
+                       route=route.id, key_hash=key_hash)  # fmt: skip
+
+    async def release(self, record: str, token: str, lease: float) -> None:
+        """Free a key whose request was never delivered (or was refused with a release
+        status). If the store fails, keep trying in the background for up to one lease;
+        until then, or if it never answers, the record waits for its lease to lapse."""
         try:
             await self.store.release(record, token)
         except StoreError as exc:
-            # The record stays in flight until its lease lapses; safe, only slower.
-            logs.event("record not released: store failed",
-                       key_hash=record.removeprefix(STORAGE_PREFIX), error=exc.detail)  # fmt: skip
+            key_hash = record.removeprefix(STORAGE_PREFIX)
+            logs.event("record not released: store failed; retrying in the background",
+                       key_hash=key_hash, error=exc.detail)  # fmt: skip
+            spawn(self.keep_trying(lambda: self.store.release(record, token), lease),
+                  "store-retry")  # fmt: skip
+
+    async def keep_trying(self, call: Callable[[], Awaitable[bool]], within: float) -> bool | None:
+        """Retry a store call with back-off for up to `within` seconds; None if it never
+        answered."""
+        deadline = self.loop.time() + within
+        delay = _STORE_RETRY_FIRST
+        while self.loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _STORE_RETRY_MAX)
+            try:
+                return await call()
+            except StoreError:
+                continue
+        return None
 
     async def stream(self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange,
                      body: bytes | None = None) -> web.StreamResponse:  # fmt: skip

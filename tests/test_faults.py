@@ -344,7 +344,9 @@ async def test_store_lost_after_the_upstream_answered_still_returns_the_response
     redis: RedisServer,
 ) -> None:  # fmt: skip
     """Redis dies between begin and complete: the client gets the upstream's answer, counted."""
-    proxy = await start_proxy(store={"url": redis.url, "timeout": "200ms"})
+    # A short lease: the proxy keeps trying to record for one lease, then counts the loss.
+    proxy = await start_proxy(store={"url": redis.url, "timeout": "200ms"},
+                              defaults={"lease": "500ms"})  # fmt: skip
     sample = 'idempotency_proxy_unrecorded_responses_total{route="all"}'
     before = await metric(client, proxy.admin_url, sample)
     k = key("lost")
@@ -355,7 +357,31 @@ async def test_store_lost_after_the_upstream_answered_still_returns_the_response
     assert status == 201 and "Idempotent-Replayed" not in headers
     assert json.loads(body) == {"serial": 1, "method": "POST", "path": "/delay/0.3/pay",
                                 "body": '{"n": 1}'}  # fmt: skip
-    assert await metric(client, proxy.admin_url, sample) == before + 1
+    deadline = time.monotonic() + 3
+    while await metric(client, proxy.admin_url, sample) != before + 1:
+        assert time.monotonic() < deadline, "the lost result was never counted"
+        await asyncio.sleep(0.1)
+    assert upstream.executions(k) == 1
+
+
+async def test_a_result_the_store_missed_is_recorded_when_it_answers_again(
+    upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:  # fmt: skip
+    """Redis stalls as the upstream answers: the client is answered, and once Redis is back
+    the result is recorded, so the retry is a replay, not "outcome unknown"."""
+    proxy = await start_proxy(store={"url": redis.url, "timeout": "200ms"},
+                              defaults={"lease": "3s"})  # fmt: skip
+    k = key("late")
+    first = asyncio.ensure_future(post(client, proxy.url, "/delay/0.3/pay", k))
+    await until(lambda: upstream.executions(k) == 1)
+    redis.command("CLIENT", "PAUSE", "800", "ALL")
+    status, headers, body = await first
+    assert status == 201 and "Idempotent-Replayed" not in headers
+    await asyncio.sleep(1.5)
+    again = await post(client, proxy.url, "/delay/0.3/pay", k)
+    assert again[0] == 201 and again[1]["Idempotent-Replayed"] == "true"
+    assert again[2] == body
     assert upstream.executions(k) == 1
 
 

@@ -128,7 +128,9 @@ class Store(Protocol):
     async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
         """Store `outcome` (done, kept `ttl`) if `token` still owns the in-flight record.
 
-        Returns False, storing nothing, when the token was fenced out by a takeover.
+        Returns False, storing nothing, when the token was fenced out by a takeover or the
+        record became "outcome unknown". Completing again with the same token after it
+        succeeded returns True and changes nothing (a retry whose first answer was lost).
         """
         ...
 

@@ -110,14 +110,15 @@ class MemoryStore:
         return True
 
     async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
-        record = self._owned(key, token)
-        if record is None:
+        record = self._get(key, self._clock())
+        if record is None or record.token != token:
             return False
+        if record.outcome is not None:  # a retried complete: already stored by this owner
+            return True
         size = _RECORD_OVERHEAD + outcome.size()
         self._bytes += size - record.size
         record.size = size
         record.outcome = outcome
-        record.token = None
         record.expires_at = self._clock() + ttl
         return True
 

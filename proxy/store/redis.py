@@ -80,29 +80,35 @@ return {3, 'unknown', '0', '', ''}
 """
 )
 
-# KEYS[1] record; ARGV token, lease ms -> 1 renewed | 0 not the owner
+# KEYS[1] record; ARGV token, lease ms -> 1 renewed | 0 not the owner (or already done)
 RENEW = (
     _NOW
     + """
-if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
+if r[1] ~= 'f' or r[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'exp', now + ARGV[2])
 return 1
 """
 )
 
-# KEYS[1] record; ARGV token, ttl ms, kind, status, hdrs, body -> 1 stored | 0 fenced
+# KEYS[1] record; ARGV token, ttl ms, kind, status, hdrs, body -> 1 stored | 0 fenced.
+# The owner's token stays on the done record, so a complete that is retried after its
+# answer was lost is told "stored" again instead of "fenced".
 COMPLETE = """
-if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
+if r[2] ~= ARGV[1] then return 0 end
+if r[1] == 'd' then return 1 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'kind', ARGV[3], 'status', ARGV[4],
            'hdrs', ARGV[5], 'body', ARGV[6])
-redis.call('HDEL', KEYS[1], 'tok', 'exp')
+redis.call('HDEL', KEYS[1], 'exp')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS[1] record; ARGV token -> 1 released | 0 not the owner
+# KEYS[1] record; ARGV token -> 1 released | 0 not the owner (or already done)
 RELEASE = """
-if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
+if r[1] ~= 'f' or r[2] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """

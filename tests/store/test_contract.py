@@ -101,6 +101,22 @@ async def test_complete_with_a_stale_token_is_fenced(store: Store) -> None:
     assert isinstance(await begin(store, record), InProgress)
 
 
+async def test_a_repeated_complete_by_the_owner_is_accepted_and_changes_nothing(
+    store: Store,
+) -> None:
+    """Retrying a complete whose answer was lost is safe: True again, first result kept."""
+    record = record_key("r")
+    lock = await begin(store, record)
+    assert isinstance(lock, Acquired)
+    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
+    other = Outcome("response", StoredResponse(500, (), b"no"))
+    assert await store.complete(record, lock.token, other, ttl=TTL)
+    assert await begin(store, record) == Replay(RESPONSE)
+    assert not await store.release(record, lock.token)  # done records are not released
+    assert not await store.renew(record, lock.token, lease=LEASE)
+    assert await begin(store, record) == Replay(RESPONSE)
+
+
 async def test_release_deletes_only_for_the_owner(store: Store) -> None:
     """Release by a stranger does nothing; by the owner it frees the key."""
     record = record_key("r")
