@@ -188,8 +188,9 @@ def redis(redis_server: RedisServer) -> Iterator[RedisServer]:
 # --- the proxy ------------------------------------------------------------------------
 
 
-def make_config(upstream_url: str, **overrides: Any) -> Config:
-    """A config for tests: loopback, free ports, short defaults, `overrides` on top."""
+def raw_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A test config as YAML data: loopback, free ports, memory store, one catch-all route;
+    `overrides` on top (a mapping is merged into its section, anything else replaces)."""
     raw: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
@@ -203,7 +204,12 @@ def make_config(upstream_url: str, **overrides: Any) -> Config:
             raw[name] = {**raw[name], **value}
         else:
             raw[name] = value
-    return parse_config(raw, env={})
+    return raw
+
+
+def make_config(upstream_url: str, **overrides: Any) -> Config:
+    """`raw_config`, validated."""
+    return parse_config(raw_config(upstream_url, **overrides), env={})
 
 
 ProxyFactory = Callable[..., Awaitable[Running]]

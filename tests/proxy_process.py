@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import yaml
 
+from tests.conftest import raw_config
+
 _REPO = Path(__file__).resolve().parent.parent
 _START_TIMEOUT = 15.0
 
@@ -82,19 +84,7 @@ class ProxyProcess:
 
 def write_config(directory: Path, upstream_url: str, **overrides: Any) -> Path:
     """A YAML config like tests.conftest.make_config's, written to `directory`."""
-    raw: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "upstream": upstream_url,
-        "store": {"url": "memory://"},
-        "shutdown_grace": "5s",
-        "routes": [{"path": "/*", "id": "all"}],
-    }
-    for name, value in overrides.items():
-        if isinstance(value, dict) and isinstance(raw.get(name), dict):
-            raw[name] = {**raw[name], **value}
-        else:
-            raw[name] = value
+    raw = raw_config(upstream_url, **overrides)
     path = directory / f"proxy-{os.urandom(4).hex()}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path

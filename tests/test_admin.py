@@ -25,7 +25,7 @@ from proxy.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from proxy.keys import STORAGE_PREFIX, fingerprint_request, scope_of, storage_key
 from proxy.server import Running, serve
 from proxy.store.base import Acquired
-from tests.conftest import ProxyFactory, RedisServer, Upstream, key
+from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
 
 TOKEN = "admin-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -61,15 +61,7 @@ def events() -> Iterator[Events]:
 
 def write_config(path: Path, upstream_url: str, **overrides: Any) -> Path:
     """A test config file: loopback, free ports, memory store, one catch-all route."""
-    raw: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "upstream": upstream_url,
-        "store": {"url": "memory://"},
-        "shutdown_grace": "5s",
-        "routes": [{"path": "/*", "id": "all"}],
-        **overrides,
-    }
+    raw = raw_config(upstream_url, **overrides)
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
 
