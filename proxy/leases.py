@@ -63,9 +63,10 @@ class Leases:
         self._timer, self._timer_at = None, math.inf
         now = self._loop.time()
         for held in self._held:
-            if held.due <= now and held.renewing is None:
-                held.due = now + held.lease / 3
-                held.renewing = spawn(self._renew(held), "lease-renewal")
+            if held.due <= now:
+                held.due = now + held.lease / 3  # even if the last renewal still runs
+                if held.renewing is None:
+                    held.renewing = spawn(self._renew(held), "lease-renewal")
         if self._held:
             self._arm(min(held.due for held in self._held))
 

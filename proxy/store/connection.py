@@ -124,6 +124,8 @@ class RedisConnection:
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._connect()
+            if protocol.closed:  # lost before this caller could queue on it: nothing sent
+                raise StoreUnavailable("redis: connection lost", retry_after=1)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not protocol.queue:

@@ -1,10 +1,10 @@
 """The embedded store: one process, bounded, for development and single replicas.
 
-Records live in an insertion-ordered dict. Expired records are dropped when touched and
-swept when the store reaches its caps (`max_records`, `max_bytes`); if it is still full,
-the oldest *done* records are evicted (they only cost a replay, never correctness).
-In-flight records are never evicted: when the store is full of them, `begin` fails with
-`StoreUnavailable` and the route's `fail_mode` decides, exactly as for a Redis outage.
+Records live in a dict. Expired records are dropped when touched and swept when the store
+reaches its caps (`max_records`, `max_bytes`). A record inside its ttl is never evicted:
+forgetting a finished key would let its retry execute again. A store that is still full
+after the sweep answers `begin` with `StoreUnavailable`, and the route's `fail_mode`
+decides, exactly as for a Redis outage. Size the caps for the ttl and the key rate.
 The clock is injectable so leases and TTLs are tested without sleeping.
 """
 
@@ -27,9 +27,6 @@ from proxy.store.base import (
     new_token,
 )
 
-# After a sweep the store is trimmed to this share of its caps, so a full store does not
-# sweep on every insert.
-_TRIM_TO = 0.9
 _RECORD_OVERHEAD = 200  # bytes a record costs besides its response, roughly
 
 
@@ -58,6 +55,7 @@ class MemoryStore:
         self._max_records = max_records
         self._max_bytes = max_bytes
         self._clock = clock
+        self._sweep_after = 0.0  # when the next sweep of expired records can free anything
 
     def _get(self, key: str, now: float) -> _Record | None:
         record = self._records.get(key)
@@ -106,7 +104,9 @@ class MemoryStore:
         record = self._owned(key, token)
         if record is None:
             return False
-        record.lease_until = self._clock() + lease
+        now = self._clock()
+        record.lease_until = now + lease
+        record.expires_at = max(record.expires_at, now + lease)  # never expire mid-exchange
         return True
 
     async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
@@ -131,20 +131,16 @@ class MemoryStore:
     def _make_room(self, now: float) -> None:
         if len(self._records) < self._max_records and self._bytes < self._max_bytes:
             return
-        for key in [k for k, r in self._records.items() if r.expires_at <= now]:
-            self._drop(key)
-        records_goal = int(self._max_records * _TRIM_TO)
-        bytes_goal = int(self._max_bytes * _TRIM_TO)
-        if len(self._records) > records_goal or self._bytes > bytes_goal:
-            done = [k for k, r in self._records.items() if r.outcome is not None]
-            for key in done:  # oldest first: dicts keep insertion order
-                if len(self._records) <= records_goal and self._bytes <= bytes_goal:
-                    break
+        if now >= self._sweep_after:  # a sweep can free something: a record has expired
+            for key in [k for k, r in self._records.items() if r.expires_at <= now]:
                 self._drop(key)
+            self._sweep_after = min((r.expires_at for r in self._records.values()),
+                                    default=now)  # fmt: skip
         if len(self._records) >= self._max_records or self._bytes >= self._max_bytes:
             raise StoreUnavailable(
-                "the memory store is full of in-flight records; raise store.max_records "
-                "or store.max_bytes, or use Redis"
+                "the memory store is full of records inside their ttl; raise "
+                "store.max_records or store.max_bytes, shorten ttl, or use Redis",
+                retry_after=1,
             )
 
     async def ping(self) -> None:

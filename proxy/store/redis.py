@@ -87,6 +87,10 @@ RENEW = (
 local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
 if r[1] ~= 'f' or r[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'exp', now + ARGV[2])
+-- A slow exchange must not outlive its record: keep the key for at least the lease.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 1
 """
 )

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -133,6 +134,36 @@ async def test_a_replacement_connection_is_watched_too() -> None:
             async with asyncio.timeout(3):
                 await connection.call("PING")
         assert time.monotonic() - started < 1.0
+    finally:
+        await connection.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+class HangsUpAfterConnect(RedisConnection):
+    """The connection is lost right after it opens, before the callers that waited for it
+    had their turn (Redis at maxclients, or in protected mode, does this)."""
+
+    async def _open(self) -> Any:
+        protocol = await super()._open()
+        asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
+        return protocol
+
+
+async def test_callers_waiting_for_a_connection_that_drops_at_once_fail() -> None:
+    """Every caller that waited for the dropped connection fails; none is left hanging."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = HangsUpAfterConnect(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+    try:
+        async with asyncio.timeout(3):
+            results = await asyncio.gather(
+                *(connection.call("PING") for _ in range(4)), return_exceptions=True
+            )
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
     finally:
         await connection.close()
         for writer in accepted:

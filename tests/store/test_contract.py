@@ -140,6 +140,20 @@ async def test_renewal_keeps_a_slow_owner_locked(store: Store) -> None:
     assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
 
 
+async def test_renewal_keeps_the_record_past_its_ttl(store: Store) -> None:
+    """An exchange slower than the ttl keeps its record: it cannot expire under its owner."""
+    record = record_key("r")
+    lease, ttl = 0.15, 0.2
+    lock = await begin(store, record, lease=lease, ttl=ttl)
+    assert isinstance(lock, Acquired)
+    for _ in range(8):  # 0.4 s: twice the ttl
+        await asyncio.sleep(lease / 3)
+        assert await store.renew(record, lock.token, lease=lease)
+    assert isinstance(await begin(store, record, lease=lease, ttl=ttl), InProgress)
+    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
+    assert await begin(store, record) == Replay(RESPONSE)
+
+
 async def test_renew_with_a_stale_token_fails(store: Store) -> None:
     """A token that no longer owns the record cannot extend its lease."""
     record = record_key("r")

@@ -41,14 +41,22 @@ async def test_expired_records_are_swept_before_anything_is_evicted() -> None:
     assert (await store.counts())["done"] == 6
 
 
-async def test_oldest_done_records_are_evicted_at_the_byte_cap() -> None:
-    """Over max_bytes, the oldest finished records make room; the newest stay."""
-    store = MemoryStore(max_bytes=20_000, clock=Clock())
-    await fill(store, 40)
-    counts = await store.counts()
-    assert counts["done"] < 20
-    last = await store.begin("k39", "fp", lease=10, ttl=60, takeover=False)
-    assert isinstance(last, Replay)
+async def test_records_inside_their_ttl_are_never_evicted() -> None:
+    """At the byte cap, new keys are refused (503 upstream) and every live key still replays:
+    forgetting a finished key would let its retry execute again."""
+    clock = Clock()
+    store = MemoryStore(max_bytes=20_000, clock=clock)
+    stored = 0
+    with pytest.raises(StoreUnavailable, match="full of records inside their ttl") as caught:
+        for index in range(100):
+            await fill(store, 1, f"k{index}-")
+            stored += 1
+    assert caught.value.retry_after == 1
+    for index in range(stored):
+        decision = await store.begin(f"k{index}-0", "fp", lease=10, ttl=60, takeover=False)
+        assert isinstance(decision, Replay)
+    clock.now += 120  # once they expire, room is made again
+    await fill(store, 1, "later")
 
 
 async def test_in_flight_records_are_never_evicted() -> None:
@@ -56,6 +64,6 @@ async def test_in_flight_records_are_never_evicted() -> None:
     store = MemoryStore(max_records=3, clock=Clock())
     for index in range(3):
         await store.begin(f"f{index}", "fp", lease=10, ttl=60, takeover=False)
-    with pytest.raises(StoreUnavailable, match="full of in-flight records"):
+    with pytest.raises(StoreUnavailable, match="full of records inside their ttl"):
         await store.begin("f3", "fp", lease=10, ttl=60, takeover=False)
     assert (await store.counts())["in_flight"] == 3
