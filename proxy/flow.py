@@ -7,8 +7,9 @@
                             mismatch: 422
 
 One store round trip decides a request; a first attempt costs one more to record it.
-The upstream exchange of a first attempt runs in its own task, so a client that gives up
-does not cancel it: the result is still recorded and the retry replays it.
+A client that gives up does not cancel the upstream exchange of a first attempt (the server
+runs handlers with `handler_cancellation` off): the result is still recorded and the retry
+replays it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from proxy.errors import (
 )
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.keys import STORAGE_PREFIX, fingerprint_request, parse_key, scope_of, storage_key
-from proxy.leases import Leases
+from proxy.leases import Held, Leases
 from proxy.routing import Router
 from proxy.store.base import (
     Acquired,
@@ -51,6 +52,7 @@ from proxy.store.base import (
 from proxy.tasks import spawn
 from proxy.upstream import (
     UPSTREAM_ERRORS,
+    connect_timeout,
     idle_timeout,
     make_response,
     origin_form,
@@ -191,102 +193,127 @@ class Proxy:
     async def forward_and_record(self, request: web.BaseRequest, route: RoutePolicy, record: str,
                                  lock: Acquired, body: bytes, ex: Exchange,
                                  deadline: float) -> StoredResponse | _Streamed:  # fmt: skip
-        """The owner's exchange: forward, then complete (store) or release the record."""
+        """The owner's exchange: forward, then complete (store) or release the record.
+
+        The lease is renewed until the record is settled, in the background if the store
+        failed, so that it cannot lapse while the result is still on its way to the store.
+        """
         ex.outcome = "forwarded"
         lease = self.leases.hold(record, lock.token, route.lease)
-        metrics.IN_FLIGHT_RECORDS.inc()
-        url = target_url(route.upstream, request)
-        started = time.perf_counter()
-        upstream: aiohttp.ClientResponse | None = None
+        handed_off = False  # a background retry owns the lease from then on
         try:
-            async with asyncio.timeout_at(deadline):  # the whole exchange, body included
-                upstream = await self.session.request(
-                    request.method, url, headers=request_headers(request, keep_length=False),
-                    data=body, allow_redirects=False,
-                )  # fmt: skip
-                content, whole = await read_bounded(upstream, route.max_stored_response)
-        except UPSTREAM_ERRORS as exc:
-            if upstream is not None:
-                upstream.close()
-            ex.upstream_seconds = time.perf_counter() - started
-            error = translate(exc, url)
-            if not error.delivered or route.on_unknown_outcome == "retry":
-                await self.release(record, lock.token, route.lease)
-                raise error from exc
-            # Delivered, outcome unknown: this answer is the key's terminal result.
-            status, headers, content = error.parts()
-            response = StoredResponse(status, tuple(headers), content)
-            ex.outcome = error.outcome
-            await self.record(record, lock.token, Outcome("response", response), route, ex)
-            return response
-        finally:
-            self.leases.release(lease)
-            metrics.IN_FLIGHT_RECORDS.dec()
+            url = target_url(route.upstream, request)
+            started = time.perf_counter()
+            upstream: aiohttp.ClientResponse | None = None
+            metrics.IN_FLIGHT_RECORDS.inc()
+            try:
+                async with asyncio.timeout_at(deadline):  # the whole exchange, body included
+                    upstream = await self.session.request(
+                        request.method, url, headers=request_headers(request, keep_length=False),
+                        data=body, allow_redirects=False,
+                        timeout=connect_timeout(route.upstream_timeout),
+                    )  # fmt: skip
+                    content, whole = await read_bounded(upstream, route.max_stored_response)
+            except UPSTREAM_ERRORS as exc:
+                if upstream is not None:
+                    upstream.close()
+                ex.upstream_seconds = time.perf_counter() - started
+                error = translate(exc, url)
+                if not error.delivered or route.on_unknown_outcome == "retry":
+                    handed_off = await self.release(record, lock.token, lease)
+                    raise error from exc
+                # Delivered, outcome unknown: this answer is the key's terminal result.
+                status, headers, content = error.parts()
+                response = StoredResponse(status, tuple(headers), content)
+                ex.outcome = error.outcome
+                outcome = Outcome("response", response)
+                handed_off = await self.record(record, lock.token, outcome, route, ex, lease)
+                return response
+            finally:
+                metrics.IN_FLIGHT_RECORDS.dec()
 
-        ex.upstream_status = upstream.status
-        ex.upstream_seconds = time.perf_counter() - started
-        headers = response_headers(upstream.headers, keep_length=not whole)
-        if upstream.status in route.release_statuses:
-            ex.outcome = "released"
-            await self.release(record, lock.token, route.lease)
-        elif whole:
-            stored = StoredResponse(upstream.status, tuple(headers), content)
-            await self.record(record, lock.token, Outcome("response", stored), route, ex)
-            metrics.STORED_BYTES.observe(len(content))
-        else:
-            ex.outcome = "too_large"
-            too_large = Outcome("too_large", StoredResponse(upstream.status, (), b""))
-            await self.record(record, lock.token, too_large, route, ex)
-        if whole:
-            upstream.release()
-            return StoredResponse(upstream.status, tuple(headers), content)
-        return _Streamed(upstream, headers, content)
+            ex.upstream_status = upstream.status
+            ex.upstream_seconds = time.perf_counter() - started
+            headers = response_headers(upstream.headers, keep_length=not whole)
+            if upstream.status in route.release_statuses:
+                ex.outcome = "released"
+                handed_off = await self.release(record, lock.token, lease)
+            elif whole:
+                stored = StoredResponse(upstream.status, tuple(headers), content)
+                outcome = Outcome("response", stored)
+                handed_off = await self.record(record, lock.token, outcome, route, ex, lease)
+                metrics.STORED_BYTES.observe(len(content))
+            else:
+                ex.outcome = "too_large"
+                outcome = Outcome("too_large", StoredResponse(upstream.status, (), b""))
+                handed_off = await self.record(record, lock.token, outcome, route, ex, lease)
+            if whole:
+                upstream.release()
+                return StoredResponse(upstream.status, tuple(headers), content)
+            return _Streamed(upstream, headers, content)
+        finally:
+            if not handed_off:
+                self.leases.release(lease)
 
     async def record(self, record: str, token: str, outcome: Outcome,
-                     route: RoutePolicy, ex: Exchange) -> None:  # fmt: skip
+                     route: RoutePolicy, ex: Exchange, lease: Held) -> bool:  # fmt: skip
         """Complete the record. If the store fails, the client still gets its answer now,
-        and the result is recorded in the background once the store answers again."""
+        and the result is recorded in the background once the store answers again; then
+        return True: the background task owns the lease."""
         try:
             stored = await self.store.complete(record, token, outcome, ttl=route.ttl)
         except StoreError as exc:
             logs.event("store failed after the upstream answered; recording in the background",
                        route=route.id, key_hash=ex.record, error=exc.detail)  # fmt: skip
-            spawn(self.record_later(record, token, outcome, route), "store-retry")
-            return
+            spawn(self.record_later(record, token, outcome, route, lease), "store-retry")
+            return True
         if not stored:
             ex.outcome = "fenced"
             logs.event("result not recorded: the record was taken over (fenced out)",
                        route=route.id, key_hash=ex.record)  # fmt: skip
+        return False
 
     async def record_later(self, record: str, token: str, outcome: Outcome,
-                           route: RoutePolicy) -> None:  # fmt: skip
-        """Retry a failed complete for up to one lease: a store that restarts quickly (with
-        its data) then replays the result instead of answering "outcome unknown"."""
+                           route: RoutePolicy, lease: Held) -> None:  # fmt: skip
+        """Retry a failed complete for up to one lease, renewing it meanwhile: a store that
+        restarts quickly (with its data) then replays the result, not "outcome unknown"."""
         key_hash = record.removeprefix(STORAGE_PREFIX)
-        stored = await self.keep_trying(
-            lambda: self.store.complete(record, token, outcome, ttl=route.ttl), route.lease
-        )
-        if stored is None:
-            metrics.UNRECORDED.labels(route.id).inc()
-            logs.event("result not recorded: the store did not come back within the lease",
-                       route=route.id, key_hash=key_hash)  # fmt: skip
-        else:
-            logs.event("result recorded after the store came back" if stored
-                       else "result not recorded: the record was taken over (fenced out)",
-                       route=route.id, key_hash=key_hash)  # fmt: skip
+        stored: bool | None = None
+        try:
+            stored = await self.keep_trying(
+                lambda: self.store.complete(record, token, outcome, ttl=route.ttl), route.lease
+            )
+        finally:  # also when shutdown cancels the retry
+            self.leases.release(lease)
+            if stored is None:
+                metrics.UNRECORDED.labels(route.id).inc()
+                logs.event("result not recorded: the store did not answer in time",
+                           route=route.id, key_hash=key_hash)  # fmt: skip
+            else:
+                logs.event("result recorded after the store came back" if stored
+                           else "result not recorded: the record was taken over (fenced out)",
+                           route=route.id, key_hash=key_hash)  # fmt: skip
 
-    async def release(self, record: str, token: str, lease: float) -> None:
+    async def release(self, record: str, token: str, lease: Held) -> bool:
         """Free a key whose request was never delivered (or was refused with a release
-        status). If the store fails, keep trying in the background for up to one lease;
-        until then, or if it never answers, the record waits for its lease to lapse."""
+        status). If the store fails, keep trying in the background for up to one lease
+        (then return True: the background task owns the lease); if it never answers, the
+        record waits for its lease to lapse."""
         try:
             await self.store.release(record, token)
         except StoreError as exc:
             key_hash = record.removeprefix(STORAGE_PREFIX)
             logs.event("record not released: store failed; retrying in the background",
                        key_hash=key_hash, error=exc.detail)  # fmt: skip
-            spawn(self.keep_trying(lambda: self.store.release(record, token), lease),
-                  "store-retry")  # fmt: skip
+            spawn(self.release_later(record, token, lease), "store-retry")
+            return True
+        return False
+
+    async def release_later(self, record: str, token: str, lease: Held) -> None:
+        try:
+            await self.keep_trying(lambda: self.store.release(record, token), lease.lease)
+        finally:
+            self.leases.release(lease)
 
     async def keep_trying(self, call: Callable[[], Awaitable[bool]], within: float) -> bool | None:
         """Retry a store call with back-off for up to `within` seconds; None if it never

@@ -212,11 +212,12 @@ WAITING = _local(LocalGauge(WAITERS))
 
 def observe_request(route: str, method: str, outcome: str, seconds: float) -> None:
     """Count one finished request and its duration."""
+    method = method if method in KNOWN_METHODS else "other"
     key = (route, method, outcome)
     pair = _requests.get(key)
     if pair is None:
         pair = _requests[key] = (
-            _local(LocalCounter(REQUESTS.labels(route, method_label(method), outcome))),
+            _local(LocalCounter(REQUESTS.labels(route, method, outcome))),
             _local(LocalHistogram(REQUEST_DURATION.labels(route, outcome))),
         )
     pair[0].inc()

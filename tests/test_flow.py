@@ -441,3 +441,33 @@ async def test_admin_listener_serves_health_readiness_and_metrics(
         text = await response.text()
     assert 'idempotency_proxy_requests_total{method="POST",outcome="forwarded",route="all"}' in text
     assert 'idempotency_proxy_requests_total{method="POST",outcome="replayed",route="all"}' in text
+
+
+async def test_an_upstream_that_cannot_be_connected_to_in_time_is_released(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """Connecting stalls (accept queue full): 502 unreachable and released, not a stored 504."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue; later SYNs are dropped, connects stall
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        proxy = await start_proxy(upstream=f"http://127.0.0.1:{port}",
+                                  defaults={"upstream_timeout": "600ms"})  # fmt: skip
+        k = key("stall")
+        for _ in range(2):
+            status, headers, body = await post(client, proxy, "/v1/pay", b"{}", k)
+            assert status == 502 and "Idempotent-Replayed" not in headers
+            assert problem(body)["type"] == PROBLEM_TYPE_PREFIX + "upstream-unreachable"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
