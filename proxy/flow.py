@@ -119,10 +119,7 @@ class Proxy:
         fingerprint = fingerprint_request(request.method, raw_path, query, body)
 
         try:
-            decision = await self.store.begin(
-                record, fingerprint, lease=route.lease, ttl=route.ttl,
-                takeover=route.on_unknown_outcome == "retry",
-            )  # fmt: skip
+            decision = await self.begin(record, fingerprint, route)
             if isinstance(decision, InProgress) and route.on_concurrent == "wait":
                 decision = await self.wait(record, fingerprint, route, ex)
         except StoreError as exc:
@@ -151,6 +148,11 @@ class Proxy:
             "(method, path, query or body); use a new key for a new request"
         )
 
+    def begin(self, record: str, fingerprint: str, route: RoutePolicy) -> Awaitable[Decision]:
+        """The one store round trip that decides a request, with the route's settings."""
+        return self.store.begin(record, fingerprint, lease=route.lease, ttl=route.ttl,
+                                takeover=route.on_unknown_outcome == "retry")  # fmt: skip
+
     async def wait(
         self, record: str, fingerprint: str, route: RoutePolicy, ex: Exchange
     ) -> Decision:
@@ -165,10 +167,7 @@ class Proxy:
                     return InProgress(_CONFLICT_RETRY_AFTER)
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, _WAIT_MAX_POLL)
-                decision = await self.store.begin(
-                    record, fingerprint, lease=route.lease, ttl=route.ttl,
-                    takeover=route.on_unknown_outcome == "retry",
-                )  # fmt: skip
+                decision = await self.begin(record, fingerprint, route)
                 if isinstance(decision, Replay):
                     ex.outcome = "waited"
                 if not isinstance(decision, InProgress):
