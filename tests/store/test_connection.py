@@ -6,7 +6,8 @@ import asyncio
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -70,23 +71,45 @@ async def test_password_and_database_come_from_the_url(password_redis: int) -> N
     await bad.close()
 
 
-async def test_a_silent_server_fails_callers_within_the_timeout() -> None:
-    """A store that accepts but never answers is unavailable after the timeout, not later."""
+FakeHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
+
+
+@asynccontextmanager
+async def fake_redis(
+    handler: FakeHandler | None = None,
+) -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A loopback server that plays a misbehaving Redis: by default it accepts and never
+    answers. Yields its port and the connections it accepted; closes them all at the end."""
     accepted: list[asyncio.StreamWriter] = []
-    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    connection = RedisConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
-    started = time.monotonic()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        if handler is not None:
+            result = handler(reader, writer)
+            if result is not None:
+                await result
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
     try:
-        with pytest.raises(StoreUnavailable, match="no answer within the store timeout"):
-            await connection.call("PING")
-        assert time.monotonic() - started < 0.6
+        yield server.sockets[0].getsockname()[1], accepted
     finally:
-        await connection.close()
         for writer in accepted:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_silent_server_fails_callers_within_the_timeout() -> None:
+    """A store that accepts but never answers is unavailable after the timeout, not later."""
+    async with fake_redis() as (port, _):
+        connection = RedisConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+        started = time.monotonic()
+        try:
+            with pytest.raises(StoreUnavailable, match="no answer within the store timeout"):
+                await connection.call("PING")
+            assert time.monotonic() - started < 0.6
+        finally:
+            await connection.close()
 
 
 async def test_reconnects_after_redis_restarts(redis: RedisServer) -> None:
@@ -111,35 +134,30 @@ async def test_reconnects_after_redis_restarts(redis: RedisServer) -> None:
 
 async def test_a_replacement_connection_is_watched_too() -> None:
     """After a lost connection, a silent replacement still fails its callers in time."""
-    accepted: list[asyncio.StreamWriter] = []
+    answered = False
 
     async def first_answers_then_closes(reader: asyncio.StreamReader,
                                         writer: asyncio.StreamWriter) -> None:  # fmt: skip
-        accepted.append(writer)
-        if len(accepted) == 1:
+        nonlocal answered
+        if not answered:  # later connections: accepted, never answered
+            answered = True
             await reader.readline()
             writer.write(b"+PONG\r\n")
             await writer.drain()
             writer.close()
-        # later connections: accepted, never answered
 
-    server = await asyncio.start_server(first_answers_then_closes, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    connection = RedisConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
-    try:
-        assert await connection.call("PING") == b"PONG"
-        await asyncio.sleep(0.01)  # the server hangs up; the first watchdog is still pending
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            async with asyncio.timeout(3):
-                await connection.call("PING")
-        assert time.monotonic() - started < 1.0
-    finally:
-        await connection.close()
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with fake_redis(first_answers_then_closes) as (port, _):
+        connection = RedisConnection(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+        try:
+            assert await connection.call("PING") == b"PONG"
+            await asyncio.sleep(0.01)  # the server hung up; the first watchdog is pending
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                async with asyncio.timeout(3):
+                    await connection.call("PING")
+            assert time.monotonic() - started < 1.0
+        finally:
+            await connection.close()
 
 
 class HangsUpAfterConnect(RedisConnection):
@@ -154,19 +172,13 @@ class HangsUpAfterConnect(RedisConnection):
 
 async def test_callers_waiting_for_a_connection_that_drops_at_once_fail() -> None:
     """Every caller that waited for the dropped connection fails; none is left hanging."""
-    accepted: list[asyncio.StreamWriter] = []
-    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    connection = HangsUpAfterConnect(f"redis://127.0.0.1:{port}/0", timeout=0.3)
-    try:
-        async with asyncio.timeout(3):
-            results = await asyncio.gather(
-                *(connection.call("PING") for _ in range(4)), return_exceptions=True
-            )
-        assert all(isinstance(r, StoreUnavailable) for r in results), results
-    finally:
-        await connection.close()
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with fake_redis() as (port, _):
+        connection = HangsUpAfterConnect(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+        try:
+            async with asyncio.timeout(3):
+                results = await asyncio.gather(
+                    *(connection.call("PING") for _ in range(4)), return_exceptions=True
+                )
+            assert all(isinstance(r, StoreUnavailable) for r in results), results
+        finally:
+            await connection.close()
