@@ -70,8 +70,8 @@ class AdminUnauthorized(AdminError):
     slug = "admin-unauthorized"
     title = "Admin token missing or wrong"
 
-    def parts(self) -> tuple[int, list[tuple[str, str]], bytes]:
-        status, headers, body = super().parts()
+    def parts(self, request_id: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        status, headers, body = super().parts(request_id)
         headers.append(("WWW-Authenticate", 'Bearer realm="idempotency-proxy admin"'))
         return status, headers, body
 

@@ -33,7 +33,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         backend = MeasuredStore(store if store is not None else open_store(config.store))
-        session = create_session()
+        session = create_session(config.upstream_keepalive_timeout)
         app[STORE] = backend
         app[PROXY] = Proxy(config, backend, session)
         flusher = metrics.Flusher()

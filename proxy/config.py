@@ -28,6 +28,8 @@ DEFAULT_MEMORY_MAX_RECORDS = 100_000
 DEFAULT_MEMORY_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 DEFAULT_BODY_READ_TIMEOUT = 30.0
+# Below the idle timeout of common upstream servers (gunicorn's 2 s is the shortest).
+DEFAULT_UPSTREAM_KEEPALIVE = 1.0
 
 ENV_STORE_URL = "IDEMPOTENCY_PROXY_STORE_URL"
 ENV_LISTEN = "IDEMPOTENCY_PROXY_LISTEN"
@@ -95,6 +97,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT
+    upstream_keepalive_timeout: float = DEFAULT_UPSTREAM_KEEPALIVE
     source: str = field(default="<defaults>", compare=False)
 
 
@@ -270,7 +273,12 @@ _TOP_FIELDS: dict[str, Callable[[object], Any]] = {
     "shutdown_grace": parse_duration,
     "body_read_timeout": parse_duration,
 }
-_SECTIONS = ("store", "defaults", "routes")
+# `upstream:` is a URL, or a mapping with the URL and the settings of the connection pool.
+_UPSTREAM_FIELDS: dict[str, Callable[[object], Any]] = {
+    "url": parse_upstream,
+    "keepalive_timeout": parse_duration,
+}
+_SECTIONS = ("store", "defaults", "routes", "upstream")
 
 
 class _Collector:
@@ -319,6 +327,16 @@ def parse_config(
     top = collector.section("", raw, _TOP_FIELDS, extra=_SECTIONS)
     mapping = raw if isinstance(raw, dict) else {}
 
+    raw_upstream = mapping.get("upstream")
+    if isinstance(raw_upstream, dict):
+        upstream_fields = collector.section("upstream", raw_upstream, _UPSTREAM_FIELDS)
+        if "url" not in raw_upstream:
+            collector.problems.append("upstream.url: required")
+    elif raw_upstream is not None:
+        parsed = collector.section("", {"upstream": raw_upstream}, _TOP_FIELDS)
+        upstream_fields = {"url": parsed["upstream"]} if "upstream" in parsed else {}
+    else:
+        upstream_fields = {}
     store_fields = collector.section("store", mapping.get("store"), _STORE_FIELDS)
     default_fields = collector.section("defaults", mapping.get("defaults"), _POLICY_FIELDS)
 
@@ -340,7 +358,7 @@ def parse_config(
         except ValueError as exc:
             collector.problems.append(f"{ENV_STORE_URL} (environment): {exc}")
 
-    upstream = top.pop("upstream", DEFAULT_UPSTREAM)
+    upstream = upstream_fields.get("url", DEFAULT_UPSTREAM)
     defaults = RoutePolicy(path="/*", id="default", upstream=upstream, **default_fields)
     collector.check_timing("defaults", defaults)
 
@@ -389,6 +407,9 @@ def parse_config(
         log_level=top.get("log_level", "info"),
         shutdown_grace=top.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         body_read_timeout=top.get("body_read_timeout", DEFAULT_BODY_READ_TIMEOUT),
+        upstream_keepalive_timeout=upstream_fields.get(
+            "keepalive_timeout", DEFAULT_UPSTREAM_KEEPALIVE
+        ),
         source=source,
     )
 

@@ -7,6 +7,9 @@ with `raise ... from exc`; the rest of the code only ever catches these.
 
     ProxyError                      status  type (urn:idempotency-proxy:problem:...)
     ├── RequestError                        the client's request is at fault
+    │   ├── InvalidTarget           400     invalid-target       (not origin- or absolute-form)
+    │   ├── UnsupportedMethod       501     method-not-implemented (CONNECT: no tunnels)
+    │   ├── UnsupportedTransferCoding 501   transfer-coding-not-implemented (only chunked)
     │   ├── MissingKey              400     missing-key
     │   ├── InvalidKey              400     invalid-key
     │   ├── BodyTimeout             408     body-timeout
@@ -21,6 +24,10 @@ with `raise ... from exc`; the rest of the code only ever catches these.
     │   ├── UpstreamTimeout         504     upstream-timeout     (outcome unknown)
     │   └── UpstreamDisconnected    502     upstream-disconnected (outcome unknown)
     └── OutcomeUnknown              502     outcome-unknown      (first owner died)
+
+A problem body never names an internal host, port or library error: errors whose message
+holds such details (the store's, the upstream's) show a fixed `public` text instead, and the
+message goes to the log line that the body's `request_id` points to.
 
 The admin API's own problems (unauthorized, unknown record, ...) are listed in `proxy.admin`.
 """
@@ -44,6 +51,10 @@ class ProxyError(Exception):
     outcome: ClassVar[str] = "upstream_error"
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal proxy error"
+    # When set, the client sees this instead of `detail`, which then goes to the log only.
+    public: ClassVar[str | None] = None
+    # The request's framing cannot be trusted: answer, then close the connection.
+    close_connection: ClassVar[bool] = False
 
     def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -59,19 +70,25 @@ class ProxyError(Exception):
             "type": self.type,
             "title": self.title,
             "status": self.status,
-            "detail": self.detail,
+            "detail": self.public if self.public is not None else self.detail,
         }
 
-    def parts(self) -> tuple[int, list[tuple[str, str]], bytes]:
+    def parts(self, request_id: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
         """Status, headers and body of the problem response."""
         headers = [("Content-Type", PROBLEM_CONTENT_TYPE), ("Cache-Control", "no-store")]
         if self.retry_after is not None:
             headers.append(("Retry-After", str(max(1, math.ceil(self.retry_after)))))
-        return self.status, headers, json.dumps(self.to_problem()).encode()
+        problem = self.to_problem()
+        if request_id is not None:
+            problem["request_id"] = request_id
+        return self.status, headers, json.dumps(problem).encode()
 
-    def render(self) -> web.Response:
-        status, headers, body = self.parts()
-        return web.Response(status=status, body=body, headers=headers)
+    def render(self, request_id: str | None = None) -> web.Response:
+        status, headers, body = self.parts(request_id)
+        response = web.Response(status=status, body=body, headers=headers)
+        if self.close_connection:
+            response.force_close()
+        return response
 
 
 class RequestError(ProxyError):
@@ -79,6 +96,28 @@ class RequestError(ProxyError):
 
     status = 400
     outcome = "bad_request"
+
+
+class InvalidTarget(RequestError):
+    status = 400
+    outcome = "bad_request"
+    slug = "invalid-target"
+    title = "Request target not accepted"
+
+
+class UnsupportedMethod(RequestError):
+    status = 501
+    outcome = "bad_request"
+    slug = "method-not-implemented"
+    title = "Method not implemented by the proxy"
+
+
+class UnsupportedTransferCoding(RequestError):
+    status = 501
+    outcome = "bad_request"
+    slug = "transfer-coding-not-implemented"
+    title = "Transfer coding not implemented"
+    close_connection = True
 
 
 class MissingKey(RequestError):
@@ -137,6 +176,10 @@ class StoreError(ProxyError):
     outcome = "store_unavailable"
     slug = "store-unavailable"
     title = "Idempotency store unavailable"
+    public = (
+        "the idempotency store did not answer in time; the request was not forwarded. "
+        "Retry after the time in Retry-After"
+    )
 
 
 class StoreUnavailable(StoreError):
@@ -156,6 +199,7 @@ class UpstreamUnreachable(UpstreamError):
     outcome = "upstream_error"
     slug = "upstream-unreachable"
     title = "Upstream unreachable"
+    public = "the upstream could not be reached; the request was not delivered and may be retried"
     delivered = False
 
 
@@ -164,6 +208,7 @@ class UpstreamTimeout(UpstreamError):
     outcome = "unknown_outcome"
     slug = "upstream-timeout"
     title = "Upstream did not answer in time; outcome unknown"
+    public = "the upstream did not answer within the proxy's timeout; it may have acted on it"
 
 
 class UpstreamDisconnected(UpstreamError):
@@ -171,6 +216,7 @@ class UpstreamDisconnected(UpstreamError):
     outcome = "unknown_outcome"
     slug = "upstream-disconnected"
     title = "Upstream dropped the connection; outcome unknown"
+    public = "the upstream broke off the exchange after the request was sent; it may have acted"
 
 
 class OutcomeUnknown(ProxyError):

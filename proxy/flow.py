@@ -52,11 +52,13 @@ from proxy.store.base import (
 from proxy.tasks import spawn
 from proxy.upstream import (
     UPSTREAM_ERRORS,
+    check_framing,
     connect_timeout,
     idle_timeout,
     make_response,
     origin_form,
     read_bounded,
+    reason_phrase,
     request_headers,
     response_headers,
     target_url,
@@ -96,6 +98,7 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ex = request[EXCHANGE]
+        check_framing(request)
         route = self.router.match(request.path)
         if route is None or request.method not in route.methods:
             if route is not None:
@@ -222,7 +225,8 @@ class Proxy:
                     handed_off = await self.release(record, lock.token, lease)
                     raise error from exc
                 # Delivered, outcome unknown: this answer is the key's terminal result.
-                status, headers, content = error.parts()
+                status, headers, content = error.parts(ex.request_id)
+                ex.error = error.detail
                 response = StoredResponse(status, tuple(headers), content)
                 ex.outcome = error.outcome
                 outcome = Outcome("response", response)
@@ -351,7 +355,7 @@ class Proxy:
                 raise exc.__cause__ from None
             raise translate(exc, url) from exc
         ex.upstream_status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = web.StreamResponse(status=upstream.status, reason=reason_phrase(upstream.reason))
         response.headers.extend(response_headers(upstream.headers, keep_length=True))
         try:
             await response.prepare(request)
@@ -450,7 +454,7 @@ async def stream_rest(
 ) -> web.StreamResponse:
     """Send a response too large to store: what was read, then the rest as it comes."""
     upstream = streamed.upstream
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = web.StreamResponse(status=upstream.status, reason=reason_phrase(upstream.reason))
     response.headers.extend(streamed.headers)
     try:
         async with asyncio.timeout_at(deadline):  # upstream_timeout covers the body too

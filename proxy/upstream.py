@@ -9,6 +9,7 @@ everything after that (a timeout, a reset, a truncated answer) means "outcome un
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from email.utils import formatdate
 
@@ -18,6 +19,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import (
+    InvalidTarget,
+    UnsupportedMethod,
+    UnsupportedTransferCoding,
     UpstreamDisconnected,
     UpstreamError,
     UpstreamTimeout,
@@ -33,21 +37,25 @@ HOP_BY_HOP = frozenset(
 # Recomputed by whoever writes the body next.
 _HOP_BY_HOP_AND_FRAMING = HOP_BY_HOP | {"content-length"}
 _CONNECT_TIMEOUT = 5.0
-# Idle upstream connections are closed after this long. Below the idle timeout of common
-# servers (gunicorn 2 s is the exception, uvicorn and Node 5 s): a POST sent on a connection
-# the upstream is closing at that moment fails after sending, which counts as "outcome
-# unknown" although nothing was delivered.
-_KEEPALIVE = 4.0
+# RFC 9110 5.1 and 5.5: a field name is a token; a value is visible characters, spaces and
+# tabs (and obs-text). aiohttp's client accepts more than its server will write.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
-def create_session() -> aiohttp.ClientSession:
+def create_session(keepalive_timeout: float) -> aiohttp.ClientSession:
     """The one pooled client for every upstream; bodies pass through undecoded.
+
+    Idle connections are closed after `keepalive_timeout`, which must stay below the
+    upstream server's own idle timeout: a POST sent on a connection the upstream is closing
+    at that moment fails after sending, which counts as "outcome unknown" although nothing
+    was delivered.
 
     Only connecting has a timeout of its own (a connect timeout proves the request was not
     delivered; see `connect_timeout`); the protected path bounds the whole exchange with one
     `asyncio.timeout`, cheaper than aiohttp's per-request timers.
     """
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE, ttl_dns_cache=60)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -91,34 +99,88 @@ def request_headers(request: web.BaseRequest, keep_length: bool) -> CIMultiDict[
 
 
 def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> list[tuple[str, str]]:
-    """Upstream response headers to send on, less hop-by-hop (and framing, when rebuffered).
+    """Upstream response headers to send on, less hop-by-hop (and framing, when rebuffered),
+    and less any field the proxy could not send as received (see `sendable`).
 
     A response without `Date` gets one now, so a replay carries the first answer's date.
     """
     drop = _dropped(headers, keep_length)
-    pairs = [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    pairs = [
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in drop and sendable(name, value)
+    ]
     if "Date" not in headers:
         pairs.append(("Date", formatdate(usegmt=True)))
     return pairs
 
 
+def sendable(name: str, value: str) -> bool:
+    """Whether a header field can be written as received: a token name and a value without
+    control characters. An upstream's malformed field is dropped, never stored: stored, it
+    would fail every replay for the whole ttl."""
+    return _FIELD_NAME.fullmatch(name) is not None and _FORBIDDEN_IN_VALUE.search(value) is None
+
+
+def reason_phrase(reason: str | None) -> str | None:
+    """The upstream's reason phrase if it can be sent, else None (aiohttp's default)."""
+    if reason is None or _FORBIDDEN_IN_VALUE.search(reason) is not None:
+        return None
+    return reason
+
+
+def check_framing(request: web.BaseRequest) -> None:
+    """Refuse what the proxy cannot forward faithfully, before anything is read or sent.
+
+    `CONNECT` asks for a tunnel, which the proxy never opens. A transfer coding other than
+    `chunked` would reach the upstream decoded by one layer only (aiohttp's parser drops
+    `gzip` from `gzip, chunked`), so the upstream would take compressed bytes for the body;
+    RFC 9112 6.1 asks a server to answer 501 and close the connection.
+    """
+    if request.method == "CONNECT":
+        raise UnsupportedMethod("the proxy forwards requests; it does not open tunnels")
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
+        raise UnsupportedTransferCoding("only the chunked transfer coding is accepted")
+
+
 def origin_form(request: web.BaseRequest) -> str:
     """The request target as `/path?query`, exactly as the client encoded it.
 
-    A server must also accept the absolute form, `POST http://host/path` (RFC 9112 3.2.2).
-    Its scheme and authority never choose where the proxy forwards: appended to the
-    upstream URL as sent, they make a port like `9000http:` (a 500 that leaves the key
-    locked), or, behind an upstream without a port, let the client extend its host name
-    (`http://legacy` + `admin://x/` is host `legacyadmin`).
+    Only two target forms are forwarded: origin-form (`/path?query`) and absolute-form
+    (`http://host/path`, RFC 9112 3.2.2), by its path and query alone: the client's scheme
+    and authority never choose where the proxy forwards. Any other form (`*`, `host:port`,
+    anything without a leading `/`) is refused.
     """
     raw = request.raw_path
     if raw.startswith("/"):
         return raw
-    return URL(raw, encoded=True).raw_path_qs
+    scheme, sep, _ = raw.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        url = URL(raw, encoded=True)
+        if url.absolute and url.raw_path_qs.startswith("/"):
+            return url.raw_path_qs
+    raise InvalidTarget(
+        "the request target must be a path (/...) or an absolute http(s) URL; "
+        "asterisk-form and authority-form targets are not forwarded"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _upstream_url(upstream: str) -> URL:
+    return URL(upstream)
 
 
 def target_url(upstream: str, request: web.BaseRequest) -> URL:
-    return URL(upstream + origin_form(request), encoded=True)
+    """The upstream URL for this request, built from parts, never by joining strings: the
+    configured scheme, credentials, host and port, and the client's path and query."""
+    base = _upstream_url(upstream)
+    path, _, query = origin_form(request).partition("?")
+    return URL.build(
+        scheme=base.scheme, user=base.raw_user, password=base.raw_password,
+        host=base.raw_host or "", port=base.explicit_port, path=path, query_string=query,
+        encoded=True,
+    )  # fmt: skip
 
 
 # What an upstream exchange can raise; `translate` turns each into an `UpstreamError`.
@@ -129,6 +191,7 @@ def translate(exc: BaseException, url: URL) -> UpstreamError:
     """The `UpstreamError` for an aiohttp failure: was the request possibly delivered?"""
     if isinstance(exc, aiohttp.ClientConnectorError):  # never connected
         return UpstreamUnreachable(f"cannot connect to {url.origin()}: {exc.os_error}")
+    # (The details above and below reach the log line only; see `proxy.errors`.)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamUnreachable(f"connecting to {url.origin()} timed out")
     if isinstance(exc, TimeoutError):
@@ -177,6 +240,6 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[by
 def make_response(status: int, headers: Iterable[tuple[str, str]], body: bytes,
                   extra: Iterable[tuple[str, str]] = ()) -> web.Response:  # fmt: skip
     """A buffered response with exactly these headers (aiohttp adds the framing)."""
-    merged: CIMultiDict[str] = CIMultiDict(headers)
+    merged: CIMultiDict[str] = CIMultiDict(headers)  # already `sendable`
     merged.extend(extra)
     return web.Response(status=status, headers=merged, body=body)

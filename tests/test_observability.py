@@ -35,7 +35,7 @@ _REPO = Path(__file__).resolve().parent.parent
 _OWN_ENV = ("IDEMPOTENCY_PROXY_", "PROMETHEUS_MULTIPROC_DIR")
 ACCESS_FIELDS = {
     "time", "level", "event", "route", "method", "path", "outcome", "status", "key_hash",
-    "upstream_status", "upstream_ms", "latency_ms", "request_id",
+    "upstream_status", "upstream_ms", "latency_ms", "request_id", "error",
 }  # fmt: skip
 
 
