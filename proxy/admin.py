@@ -43,7 +43,8 @@ from proxy.app import PROXY, STORE
 from proxy.config import Config
 from proxy.errors import InvalidKey, ProxyError, StoreError
 from proxy.exchange import render_problems
-from proxy.keys import STORAGE_PREFIX, parse_key, scope_of, storage_key
+from proxy.keys import RecordKey, parse_key, scope_of, storage_key
+from proxy.outcomes import RequestOutcome
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
 CONFIG_PATH = web.AppKey("config_path", str)
@@ -62,7 +63,7 @@ class AdminError(ProxyError):
     """A problem answer of the admin API."""
 
     status: ClassVar[int] = 400
-    outcome: ClassVar[str] = "bad_request"  # unused: the admin listener has no access metrics
+    outcome = RequestOutcome.BAD_REQUEST  # unused: the admin listener has no access metrics
 
 
 class AdminUnauthorized(AdminError):
@@ -264,8 +265,8 @@ async def lookup(request: web.Request) -> web.Response:
     except InvalidKey as exc:
         raise InvalidAdminRequest(exc.detail) from exc
     scope = scope_of((name, headers.getall(name, [])) for name in policy.scope_headers)
-    record = storage_key(config.store.namespace, scope, key)[len(STORAGE_PREFIX) :]
-    info = await request.app[PROXY_APP][STORE].inspect(STORAGE_PREFIX + record)
+    record = storage_key(config.store.namespace, scope, key).hash
+    info = await request.app[PROXY_APP][STORE].inspect(RecordKey(record).store)
     if info is None:
         raise RecordNotFound(
             f"no record for this key in scope {list(policy.scope_headers)} of route "
@@ -303,7 +304,7 @@ def _lookup_headers(raw: object) -> CIMultiDict[str]:
 async def inspect(request: web.Request) -> web.Response:
     """A record by its hash: state, ttl, lease, outcome (never the body)."""
     record = _record_param(request)
-    info = await request.app[PROXY_APP][STORE].inspect(STORAGE_PREFIX + record)
+    info = await request.app[PROXY_APP][STORE].inspect(RecordKey(record).store)
     if info is None:
         raise RecordNotFound(f"no record {record}; it was never used, was deleted, or expired")
     return _record_info(record, info)
@@ -312,7 +313,7 @@ async def inspect(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     """Purge a record whatever its state: the next request with its key executes again."""
     record = _record_param(request)
-    deleted = await request.app[PROXY_APP][STORE].delete(STORAGE_PREFIX + record)
+    deleted = await request.app[PROXY_APP][STORE].delete(RecordKey(record).store)
     if not deleted:
         raise RecordNotFound(f"no record {record}; it was never used, was deleted, or expired")
     logs.event("record deleted by the admin API", logging.WARNING,

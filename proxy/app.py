@@ -20,7 +20,7 @@ from proxy.config import Config
 from proxy.exchange import MIDDLEWARES, Handler
 from proxy.flow import Proxy
 from proxy.store import MeasuredStore, Store, open_store
-from proxy.upstream import create_session
+from proxy.upstream import UpstreamClient
 
 _RETRY_DRAIN = 2.0
 STORE = web.AppKey("store", Store)
@@ -33,9 +33,9 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         backend = MeasuredStore(store if store is not None else open_store(config.store))
-        session = create_session(config.upstream_keepalive_timeout)
+        upstream = UpstreamClient(config.upstream_keepalive_timeout)
         app[STORE] = backend
-        app[PROXY] = Proxy(config, backend, session)
+        app[PROXY] = Proxy(config, backend, upstream)
         flusher = metrics.Flusher()
         flusher.start()
         yield
@@ -45,7 +45,7 @@ def create_app(config: Config, store: Store | None = None) -> web.Application:
             task.cancel()
         app[PROXY].leases.close()
         flusher.stop()
-        await session.close()
+        await upstream.close()
         if store is None:
             await backend.close()
 

@@ -40,6 +40,8 @@ from typing import ClassVar
 
 from aiohttp import web
 
+from proxy.outcomes import RequestOutcome
+
 PROBLEM_TYPE_PREFIX = "urn:idempotency-proxy:problem:"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -48,7 +50,9 @@ class ProxyError(Exception):
     """An error the proxy answers itself, rendered as problem+json."""
 
     status: ClassVar[int] = 500
-    outcome: ClassVar[str] = "upstream_error"
+    # The request's outcome when this error answers it (an instance may say otherwise: an
+    # upstream failure on a pass-through stores nothing, so it is no "unknown outcome").
+    outcome: RequestOutcome = RequestOutcome.UPSTREAM_ERROR
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal proxy error"
     # When set, the client sees this instead of `detail`, which then goes to the log only.
@@ -95,26 +99,26 @@ class RequestError(ProxyError):
     """The client's request cannot be accepted as it is."""
 
     status = 400
-    outcome = "bad_request"
+    outcome = RequestOutcome.BAD_REQUEST
 
 
 class InvalidTarget(RequestError):
     status = 400
-    outcome = "bad_request"
+    outcome = RequestOutcome.BAD_REQUEST
     slug = "invalid-target"
     title = "Request target not accepted"
 
 
 class UnsupportedMethod(RequestError):
     status = 501
-    outcome = "bad_request"
+    outcome = RequestOutcome.BAD_REQUEST
     slug = "method-not-implemented"
     title = "Method not implemented by the proxy"
 
 
 class UnsupportedTransferCoding(RequestError):
     status = 501
-    outcome = "bad_request"
+    outcome = RequestOutcome.BAD_REQUEST
     slug = "transfer-coding-not-implemented"
     title = "Transfer coding not implemented"
     close_connection = True
@@ -122,49 +126,49 @@ class UnsupportedTransferCoding(RequestError):
 
 class MissingKey(RequestError):
     status = 400
-    outcome = "missing_key"
+    outcome = RequestOutcome.MISSING_KEY
     slug = "missing-key"
     title = "Idempotency key required"
 
 
 class InvalidKey(RequestError):
     status = 400
-    outcome = "invalid_key"
+    outcome = RequestOutcome.INVALID_KEY
     slug = "invalid-key"
     title = "Invalid idempotency key"
 
 
 class BodyTimeout(RequestError):
     status = 408
-    outcome = "bad_request"
+    outcome = RequestOutcome.BAD_REQUEST
     slug = "body-timeout"
     title = "Request body not received in time"
 
 
 class BodyTooLarge(RequestError):
     status = 413
-    outcome = "too_large"
+    outcome = RequestOutcome.TOO_LARGE
     slug = "body-too-large"
     title = "Request body too large"
 
 
 class KeyInUse(RequestError):
     status = 409
-    outcome = "conflict"
+    outcome = RequestOutcome.CONFLICT
     slug = "key-in-use"
     title = "A request with this idempotency key is still being processed"
 
 
 class KeyMismatch(RequestError):
     status = 422
-    outcome = "mismatch"
+    outcome = RequestOutcome.MISMATCH
     slug = "key-mismatch"
     title = "Idempotency key reused for a different request"
 
 
 class ResponseNotReplayable(RequestError):
     status = 409
-    outcome = "replayed"
+    outcome = RequestOutcome.REPLAYED
     slug = "response-not-replayable"
     title = "The first request completed, but its response was too large to store"
 
@@ -173,7 +177,7 @@ class StoreError(ProxyError):
     """The idempotency store failed; backends raise this, never their client's errors."""
 
     status = 503
-    outcome = "store_unavailable"
+    outcome = RequestOutcome.STORE_UNAVAILABLE
     slug = "store-unavailable"
     title = "Idempotency store unavailable"
     public = (
@@ -190,13 +194,13 @@ class UpstreamError(ProxyError):
     """The upstream exchange failed. `delivered` says whether the upstream may have acted."""
 
     status = 502
-    outcome = "upstream_error"
+    outcome = RequestOutcome.UPSTREAM_ERROR
     delivered: ClassVar[bool] = True
 
 
 class UpstreamUnreachable(UpstreamError):
     status = 502
-    outcome = "upstream_error"
+    outcome = RequestOutcome.UPSTREAM_ERROR
     slug = "upstream-unreachable"
     title = "Upstream unreachable"
     public = "the upstream could not be reached; the request was not delivered and may be retried"
@@ -205,7 +209,7 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
-    outcome = "unknown_outcome"
+    outcome = RequestOutcome.UNKNOWN_OUTCOME
     slug = "upstream-timeout"
     title = "Upstream did not answer in time; outcome unknown"
     public = "the upstream did not answer within the proxy's timeout; it may have acted on it"
@@ -213,7 +217,7 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamDisconnected(UpstreamError):
     status = 502
-    outcome = "unknown_outcome"
+    outcome = RequestOutcome.UNKNOWN_OUTCOME
     slug = "upstream-disconnected"
     title = "Upstream dropped the connection; outcome unknown"
     public = "the upstream broke off the exchange after the request was sent; it may have acted"
@@ -221,6 +225,6 @@ class UpstreamDisconnected(UpstreamError):
 
 class OutcomeUnknown(ProxyError):
     status = 502
-    outcome = "unknown_outcome"
+    outcome = RequestOutcome.UNKNOWN_OUTCOME
     slug = "outcome-unknown"
     title = "Outcome of the first request unknown"

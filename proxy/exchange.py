@@ -20,6 +20,7 @@ from aiohttp import web
 
 from proxy import logs, metrics
 from proxy.errors import ProxyError
+from proxy.outcomes import RequestOutcome
 
 UNROUTED = "unrouted"
 
@@ -42,7 +43,7 @@ def request_id(request: web.BaseRequest) -> str:
 class Exchange:
     request_id: str
     route: str = UNROUTED
-    outcome: str = "passthrough"
+    outcome: RequestOutcome = RequestOutcome.PASSTHROUGH
     record: str | None = None
     upstream_status: int | None = None
     upstream_seconds: float | None = None

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from proxy.config import KEY_MAX_LENGTH
 from proxy.errors import InvalidKey
 
 STORAGE_PREFIX = "idp:"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordKey:
+    """Where a key's record lives: `store` addresses it in the store, `hash` names it in logs,
+    metrics and the admin API (never the raw key or tenant)."""
+
+    hash: str
+
+    @property
+    def store(self) -> str:
+        return STORAGE_PREFIX + self.hash
 
 
 def parse_key(values: Sequence[str], header: str = "Idempotency-Key") -> str:
@@ -87,12 +100,12 @@ def scope_of(header_values: Iterable[tuple[str, Sequence[str]]]) -> bytes:
     return digest.digest()
 
 
-def storage_key(namespace: str, scope: bytes, key: str) -> str:
-    """The store's key for a record: a hash, never the raw key or scope values."""
+def storage_key(namespace: str, scope: bytes, key: str) -> RecordKey:
+    """The record of a key: a hash, never the raw key or scope values."""
     digest = hashlib.blake2b(digest_size=20)
     ns = namespace.encode()
     digest.update(len(ns).to_bytes(4, "big"))
     digest.update(ns)
     digest.update(scope)
     digest.update(key.encode())
-    return STORAGE_PREFIX + digest.hexdigest()
+    return RecordKey(digest.hexdigest())

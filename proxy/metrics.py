@@ -24,28 +24,12 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
+from proxy.outcomes import RequestOutcome
 
 PREFIX: Final = "idempotency_proxy"
 
 # Every value the `outcome` label can take.
-OUTCOMES: Final = (
-    "forwarded",  # first attempt, executed upstream and recorded
-    "replayed",  # retry answered from the store
-    "conflict",  # retry while the first attempt runs: 409
-    "waited",  # retry that waited for the first attempt and replayed it
-    "mismatch",  # same key, other request: 422
-    "missing_key",  # key required, none sent: 400
-    "invalid_key",  # key malformed: 400
-    "passthrough",  # route or method not protected: streamed through
-    "unprotected",  # protected method without a key, forwarded anyway
-    "store_unavailable",  # store down, fail_mode closed: 503 (or open: forwarded)
-    "upstream_error",  # upstream unreachable: 502, record released
-    "unknown_outcome",  # upstream timed out / dropped, or owner died: terminal result
-    "fenced",  # the record was taken over while we worked; our result was not stored
-    "too_large",  # request body over the limit (413), or a response too large to store
-    "released",  # upstream answered a release status (429/503): returned, not stored
-    "bad_request",  # the request itself was unreadable (slow body, broken framing)
-)
+OUTCOMES: Final = tuple(RequestOutcome)
 STORE_OPERATIONS: Final = ("begin", "renew", "complete", "release", "ping", "admin")
 KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -154,7 +138,7 @@ class LocalHistogram:
 
     def __init__(self, child: Any) -> None:
         self._child = child
-        self._bounds: list[float] = list(child._upper_bounds)
+        self._bounds = histogram_bounds(child)
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
 
@@ -164,15 +148,30 @@ class LocalHistogram:
         self._sum += value
 
     def flush(self) -> None:
-        counts = self._counts
-        if not any(counts):
-            return
-        for index, count in enumerate(counts):
-            if count:
-                self._child._buckets[index].inc(count)
-                counts[index] = 0
-        self._child._sum.inc(self._sum)
-        self._sum = 0.0
+        if any(self._counts):
+            add_to_histogram(self._child, self._counts, self._sum)
+            self._counts = [0] * len(self._bounds)
+            self._sum = 0.0
+
+
+# prometheus-client has no public call that adds many observations at once (one `observe`
+# per sample takes its lock each time, which is what batching avoids). These two functions
+# are the only code that touches its histogram internals; `tests/test_metrics.py` checks
+# that a flushed batch exposes exactly what the same `observe` calls would, so a change in
+# the library fails there, loudly.
+
+
+def histogram_bounds(child: Any) -> list[float]:
+    """The upper bounds of a histogram child's buckets, `+Inf` last."""
+    return list(child._upper_bounds)
+
+
+def add_to_histogram(child: Any, counts: list[int], total: float) -> None:
+    """Add `counts[i]` observations to bucket i and `total` to the sum of a histogram child."""
+    for index, count in enumerate(counts):
+        if count:
+            child._buckets[index].inc(count)
+    child._sum.inc(total)
 
 
 class LocalGauge:

@@ -1,16 +1,19 @@
-"""Talking to the legacy upstream: header rules, the pooled client, and error translation.
+"""Talking to the legacy upstream: the pooled client, header rules, and error translation.
 
-aiohttp client errors become `UpstreamError`s here and nowhere else. The translation
-decides the most important question of a failed exchange: could the upstream have acted?
-Only a connection that was never established proves the request was not delivered;
-everything after that (a timeout, a reset, a truncated answer) means "outcome unknown".
+This is the one module that speaks aiohttp's client. `UpstreamClient` sends a request and
+hands back an `Answer` (status, sendable headers, body read or to stream); aiohttp client
+errors become `UpstreamError`s here and nowhere else. The translation decides the most
+important question of a failed exchange: could the upstream have acted? Only a connection
+that was never established proves the request was not delivered; everything after that (a
+timeout, a reset, a truncated answer) means "outcome unknown".
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from email.utils import formatdate
 
 import aiohttp
@@ -19,9 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import (
-    InvalidTarget,
-    UnsupportedMethod,
-    UnsupportedTransferCoding,
+    ProxyError,
     UpstreamDisconnected,
     UpstreamError,
     UpstreamTimeout,
@@ -43,7 +44,7 @@ _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
-def create_session(keepalive_timeout: float) -> aiohttp.ClientSession:
+def _create_session(keepalive_timeout: float) -> aiohttp.ClientSession:
     """The one pooled client for every upstream; bodies pass through undecoded.
 
     Idle connections are closed after `keepalive_timeout`, which must stay below the
@@ -129,62 +130,86 @@ def reason_phrase(reason: str | None) -> str | None:
     return reason
 
 
-def check_framing(request: web.BaseRequest) -> None:
-    """Refuse what the proxy cannot forward faithfully, before anything is read or sent.
-
-    `CONNECT` asks for a tunnel, which the proxy never opens. A transfer coding other than
-    `chunked` would reach the upstream decoded by one layer only (aiohttp's parser drops
-    `gzip` from `gzip, chunked`), so the upstream would take compressed bytes for the body;
-    RFC 9112 6.1 asks a server to answer 501 and close the connection.
-    """
-    if request.method == "CONNECT":
-        raise UnsupportedMethod("the proxy forwards requests; it does not open tunnels")
-    codings = request.headers.getall("Transfer-Encoding", ())
-    if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
-        raise UnsupportedTransferCoding("only the chunked transfer coding is accepted")
-
-
-def origin_form(request: web.BaseRequest) -> str:
-    """The request target as `/path?query`, exactly as the client encoded it.
-
-    Only two target forms are forwarded: origin-form (`/path?query`) and absolute-form
-    (`http://host/path`, RFC 9112 3.2.2), by its path and query alone: the client's scheme
-    and authority never choose where the proxy forwards. Any other form (`*`, `host:port`,
-    anything without a leading `/`) is refused.
-    """
-    raw = request.raw_path
-    if raw.startswith("/"):
-        return raw
-    scheme, sep, _ = raw.partition("://")
-    if sep and scheme.lower() in ("http", "https"):
-        url = URL(raw, encoded=True)
-        if url.absolute and url.raw_path_qs.startswith("/"):
-            return url.raw_path_qs
-    raise InvalidTarget(
-        "the request target must be a path (/...) or an absolute http(s) URL; "
-        "asterisk-form and authority-form targets are not forwarded"
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _upstream_url(upstream: str) -> URL:
-    return URL(upstream)
-
-
-def target_url(upstream: str, request: web.BaseRequest) -> URL:
-    """The upstream URL for this request, built from parts, never by joining strings: the
-    configured scheme, credentials, host and port, and the client's path and query."""
-    base = _upstream_url(upstream)
-    path, _, query = origin_form(request).partition("?")
-    return URL.build(
-        scheme=base.scheme, user=base.raw_user, password=base.raw_password,
-        host=base.raw_host or "", port=base.explicit_port, path=path, query_string=query,
-        encoded=True,
-    )  # fmt: skip
-
-
+# A request body to send: buffered, streamed as it arrives, or none.
+Body = bytes | AsyncIterator[bytes] | None
 # What an upstream exchange can raise; `translate` turns each into an `UpstreamError`.
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+_UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class Answer:
+    """The upstream's response: status, the headers to send on, and its body.
+
+    `body` is what was read; when `complete` is false the rest is still to come from
+    `chunks()`. `close()` gives the connection back (or drops it, mid-body).
+    """
+
+    __slots__ = ("_response", "body", "complete", "headers", "reason", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, body: bytes, complete: bool) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = reason_phrase(response.reason)
+        self.headers = response_headers(response.headers, keep_length=not complete)
+        self.body = body
+        self.complete = complete
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The rest of the body as it arrives; a broken body raises `UpstreamError`."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except _UPSTREAM_ERRORS as exc:
+            raise translate(exc, self._response.url) from exc
+
+    def close(self) -> None:
+        """Done with the answer: aiohttp reuses the connection if the body was read whole."""
+        self._response.release()
+
+
+class UpstreamClient:
+    """The one pooled client for every upstream route."""
+
+    def __init__(self, keepalive_timeout: float) -> None:
+        self._session = _create_session(keepalive_timeout)
+
+    async def fetch(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes, *,
+                    deadline: float, upstream_timeout: float, limit: int) -> Answer:  # fmt: skip
+        """Send a buffered request and read up to `limit` bytes of the answer by `deadline`
+        (a loop time): the whole exchange, body included, is bounded."""
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False,
+                    timeout=connect_timeout(upstream_timeout),
+                )  # fmt: skip
+                content, complete = await read_bounded(response, limit)
+        except _UPSTREAM_ERRORS as exc:
+            if response is not None:
+                response.close()
+            raise translate(exc, url) from exc
+        answer = Answer(response, content, complete)
+        if complete:
+            answer.close()  # the connection goes back to the pool now
+        return answer
+
+    async def open(self, method: str, url: URL, headers: CIMultiDict[str], data: Body, *,
+                   idle: float) -> Answer:  # fmt: skip
+        """Send a request (its body may be streamed) and return once the response head is
+        in: the body is then streamed with `Answer.chunks`, each read bounded by `idle`."""
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=data, allow_redirects=False,
+                timeout=idle_timeout(idle),
+            )  # fmt: skip
+        except _UPSTREAM_ERRORS as exc:
+            if isinstance(exc.__cause__, ProxyError):  # the client's body failed, not the upstream
+                raise exc.__cause__ from None
+            raise translate(exc, url) from exc
+        return Answer(response, b"", complete=False)
+
+    async def close(self) -> None:
+        await self._session.close()
 
 
 def translate(exc: BaseException, url: URL) -> UpstreamError:

@@ -22,7 +22,7 @@ from proxy.admin import is_loopback
 from proxy.app import PROXY, STORE
 from proxy.config import load_config
 from proxy.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
-from proxy.keys import STORAGE_PREFIX, fingerprint_request, scope_of, storage_key
+from proxy.keys import fingerprint_request, scope_of, storage_key
 from proxy.server import Running, serve
 from proxy.store.base import Acquired
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
@@ -200,7 +200,7 @@ async def test_outcome_unknown_is_resolved_by_deleting_its_record(
     record = storage_key("default", scope_of([("Authorization", ["Bearer alice"])]), k)
     fingerprint = fingerprint_request("POST", "/v1/pay", "", json.dumps({"amount": 1}).encode())
     store = proxy.app[STORE]
-    lock = await store.begin(record, fingerprint, lease=0.05, ttl=60, takeover=False)
+    lock = await store.begin(record.store, fingerprint, lease=0.05, ttl=60, takeover=False)
     assert isinstance(lock, Acquired)
     await asyncio.sleep(0.15)
     status, headers, body = await pay(client, proxy, k, **tenant)
@@ -209,7 +209,7 @@ async def test_outcome_unknown_is_resolved_by_deleting_its_record(
 
     status, _, found = await call(client, "POST", admin + "/lookup", lookup, **BEARER)
     assert status == 200
-    assert found["record"] == record.removeprefix(STORAGE_PREFIX)
+    assert found["record"] == record.hash
     assert found["state"] == "done" and found["outcome"] == "unknown"
     assert found["fingerprint"] == fingerprint and 0 < found["ttl_remaining"] <= 60
     inspected = (await call(client, "GET", f"{admin}/{found['record']}", **BEARER))[2]

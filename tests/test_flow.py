@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import PROBLEM_TYPE_PREFIX
+from proxy.outcomes import RequestOutcome
 from proxy.server import Running
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key
 
@@ -471,3 +472,30 @@ async def test_an_upstream_that_cannot_be_connected_to_in_time_is_released(
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+async def test_an_unprotected_request_whose_upstream_hangs_up_is_an_upstream_error(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """Nothing is stored for a request without a key, so a dropped connection is counted as
+    `upstream_error`, never as `unknown_outcome`."""
+    proxy = await start_proxy()
+
+    async def count(outcome: RequestOutcome) -> float:
+        async with client.get(proxy.admin_url + "/metrics") as response:
+            text = await response.text()
+        series = (
+            f'idempotency_proxy_requests_total{{method="POST",outcome="{outcome}",route="all"}}'
+        )
+        values = [line.split()[-1] for line in text.splitlines() if line.startswith(series)]
+        return float(values[0]) if values else 0.0
+
+    before = {o: await count(o) for o in (RequestOutcome.UPSTREAM_ERROR,
+                                          RequestOutcome.UNKNOWN_OUTCOME)}  # fmt: skip
+    async with client.post(proxy.url + "/reset", data=b"{}") as response:
+        assert response.status == 502
+        assert (
+            problem(await response.read())["type"] == PROBLEM_TYPE_PREFIX + "upstream-disconnected"
+        )
+    assert await count(RequestOutcome.UPSTREAM_ERROR) == before[RequestOutcome.UPSTREAM_ERROR] + 1
+    assert await count(RequestOutcome.UNKNOWN_OUTCOME) == before[RequestOutcome.UNKNOWN_OUTCOME]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from proxy.keys import RecordKey
 from proxy.leases import Leases
 from proxy.store.memory import MemoryStore
 
@@ -25,11 +26,11 @@ async def test_a_renewal_slower_than_lease_over_three_does_not_spin() -> None:
     store = SlowRenewals()
     lock = await store.begin("idp:k", "fp", lease=0.15, ttl=60, takeover=False)
     leases = Leases(store)
-    held = leases.hold("idp:k", lock.token, 0.15)  # type: ignore[union-attr]
+    held = leases.hold(RecordKey("k"), lock.token, 0.15)  # type: ignore[union-attr]
     cpu = time.process_time()
     await asyncio.sleep(0.5)
     used = time.process_time() - cpu
-    leases.release(held)
+    leases.drop(held)
     leases.close()
     assert 2 <= store.renewals <= 6
     assert used < 0.2, f"the renewal timer used {used:.2f} s of CPU in 0.5 s"
