@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from proxy import __version__, logs
 from proxy.config import ConfigError, load_config
+from proxy.server import refuse, serve_config
 from proxy.workers import supervise, worker_count
 
 
@@ -62,11 +63,11 @@ def run(path: str, workers: str = "1") -> int:
         config = load_config(path)
         count = worker_count(workers)
     except ConfigError as exc:
-        return _refuse(path, exc.problems)
+        return refuse(path, exc.problems)
     except ValueError as exc:
-        return _refuse(path, [f"--workers: expected a number or 'auto', got {workers!r} ({exc})"])
+        return refuse(path, [f"--workers: expected a number or 'auto', got {workers!r} ({exc})"])
     if count > 1 and config.store.url.startswith("memory:"):
-        return _refuse(path, [
+        return refuse(path, [
             f"--workers {count}: store.url is memory://, which one process owns; several "
             "workers would each keep their own records. Use Redis, or one worker"
         ])  # fmt: skip
@@ -74,35 +75,6 @@ def run(path: str, workers: str = "1") -> int:
         return serve_config(path)
     logs.configure(config.log_level)
     return supervise(path, count, config.shutdown_grace)
-
-
-def serve_config(path: str, reuse_port: bool = False) -> int:
-    """Serve the config at `path` in this process until SIGTERM/SIGINT."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        return _refuse(path, exc.problems)
-    logs.configure(config.log_level)
-    from proxy import server
-
-    _install_uvloop()
-    asyncio.run(server.run(config, path, reuse_port=reuse_port))
-    return 0
-
-
-def _refuse(path: str, problems: list[str]) -> int:
-    print(f"{path}: invalid configuration:", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
-    return 2
-
-
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # optional: the standard loop works, only slower
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 # --- demo, audit, legacy-api: parsing here, the work in their modules --------------------
