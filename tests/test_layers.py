@@ -19,8 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.__main__",),
     ("proxy.cli",),
-    ("proxy.demo",),
-    ("proxy.legacy_api", "proxy.audit"),
+    ("proxy.tools",),
     ("proxy.workers",),
     ("proxy.server",),
     ("proxy.admin",),
@@ -155,3 +154,15 @@ def test_imports_point_down_the_layers() -> None:
             if not same and layer_of(destination) <= layer_of(source):
                 wrong.append(f"{module}:{line} imports {target}")
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_no_module_imports_private_names_of_another() -> None:
+    """`from proxy.x import _name` is refused: a name another module needs is public."""
+    private = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tests").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("proxy"):
+                names = [alias.name for alias in node.names]
+                private += [f"{path.name}:{node.lineno} {name}" for name in names
+                            if name.startswith("_") and not name.startswith("__")]  # fmt: skip
+    assert not private, f"private names imported across modules: {private}"
