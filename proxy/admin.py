@@ -45,6 +45,7 @@ from proxy.errors import InvalidKey, ProxyError, StoreError
 from proxy.exchange import render_problems
 from proxy.keys import RecordKey, parse_key, scope_of, storage_key
 from proxy.outcomes import RequestOutcome
+from proxy.reload import reload_file
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
 CONFIG_PATH = web.AppKey("config_path", str)
@@ -333,12 +334,10 @@ def _supervised() -> bool:
 
 async def reload(request: web.Request) -> web.Response:
     """Re-read the config file, as SIGHUP does; with several workers, reload all of them."""
-    from proxy import server  # server imports this module
-
     path = request.app.get(CONFIG_PATH)
     if path is None:
         raise NoConfigFile("this proxy was started without a config file; nothing to reload")
-    result = server.reload(request.app[PROXY_APP], path, apply=not _supervised())
+    result = reload_file(request.app[PROXY_APP][PROXY], path, apply=not _supervised())
     if result.problems:
         raise ConfigRejected(f"{path} has {len(result.problems)} problem(s)", result.problems)
     answer = {"routes": result.routes, "restart_required": result.restart_required}

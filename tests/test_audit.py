@@ -15,19 +15,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.audit import (
-    Attempt,
-    AuditOptions,
-    ProbeResult,
-    Verdict,
-    judge_concurrent,
-    judge_replay,
-    judge_timeout,
-    run_audit,
-    variant_body,
-)
-from proxy.legacy_api import LegacyApi, create_legacy_app
 from proxy.server import serve
+from proxy.tools.audit import AuditOptions, run_audit
+from proxy.tools.audit.inference import judge_concurrent, judge_replay, judge_timeout
+from proxy.tools.audit.model import Attempt, ProbeResult, Verdict
+from proxy.tools.audit.probes import variant_body
+from proxy.tools.legacy_api import LegacyApi, create_legacy_app
 from tests.conftest import free_port, make_config
 
 # Every charge answers after SLOW s, so a client timeout of TIMEOUT s always expires.

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.demo import DemoOptions, Progress, format_money, run_demo
-from proxy.legacy_api import Ledger, LegacyApi, create_legacy_app
 from proxy.tasks import spawn
+from proxy.tools.demo import DemoOptions, Progress, format_money, run_demo
+from proxy.tools.legacy_api import Ledger, LegacyApi, create_legacy_app
 from tests.conftest import free_port
 
 SMALL = DemoOptions(requests=12, concurrency=6, timeout=0.2, seed=3, serve=False)

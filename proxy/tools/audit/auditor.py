@@ -14,8 +14,8 @@ import time
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.audit.inference import BUSY_STATUSES, REPLAY_HEADER, _short, identify
-from proxy.audit.model import Attempt, AuditOptions
+from proxy.tools.audit.inference import BUSY_STATUSES, REPLAY_HEADER, identify, shorten
+from proxy.tools.audit.model import Attempt, AuditOptions
 
 # Every attempt that is not meant to time out gets this long.
 REQUEST_TIMEOUT = 30.0
@@ -85,7 +85,7 @@ class Auditor:
             if read_timeout is not None
             else aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         )
-        shown_key = None if key is None else _short(key, 40)
+        shown_key = None if key is None else shorten(key, 40)
         started = time.perf_counter()
         try:
             async with self.session.request(

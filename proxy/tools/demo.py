@@ -1,10 +1,10 @@
 """`idempotency-proxy demo`: what a retry storm does to a payments API, with and without the proxy.
 
 The first thing a new user runs, so it needs nothing but this package: in one process, on
-loopback, it starts the toy non-idempotent payments API (`proxy.legacy_api`) and the proxy in
-front of it on the memory store, then plays the same retry storm twice, once straight at the
-API and once through the proxy. The storm is what real clients do: give up after a short
-timeout and retry with the same Idempotency-Key, back off and retry on 409, and sometimes
+loopback, it starts the toy non-idempotent payments API (`proxy.tools.legacy_api`) and the
+proxy in front of it on the memory store, then plays the same retry storm twice, once straight
+at the API and once through the proxy. The storm is what real clients do: give up after a
+short timeout and retry with the same Idempotency-Key, back off and retry on 409, and sometimes
 send one payment from several clients at once (a double click, two workers on one job).
 The counts of charges come from the API's own books, not from what the clients believe.
 
@@ -15,6 +15,7 @@ tries again shortly after, until it gets the first attempt's answer replayed.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import signal
@@ -27,8 +28,9 @@ from typing import TextIO
 import aiohttp
 
 from proxy.config import Config, parse_config
-from proxy.legacy_api import Ledger, LedgerSummary, LegacyApi, serve_legacy_api
 from proxy.server import serve
+from proxy.tools.legacy_api import Ledger, LedgerSummary, LegacyApi, serve_legacy_api
+from proxy.tools.options import Commands, positive
 
 DEFAULT_REQUESTS = 40
 DEFAULT_CONCURRENCY = 8
@@ -380,8 +382,47 @@ class Progress:
             self.stream.flush()
 
 
-def main(options: DemoOptions) -> int:
+def add_parser(commands: Commands) -> None:
+    """The `demo` command and its options."""
+    show = commands.add_parser(
+        "demo", help="show what a retry storm does to a payments API, with and without the proxy"
+    )
+    show.add_argument(
+        "--requests",
+        type=positive(int),
+        default=DEFAULT_REQUESTS,
+        help="payments in the storm, each with its own key (default %(default)s)",
+    )
+    show.add_argument(
+        "--concurrency",
+        type=positive(int),
+        default=DEFAULT_CONCURRENCY,
+        help="payments in flight at once (default %(default)s)",
+    )
+    show.add_argument(
+        "--timeout",
+        type=positive(float),
+        default=DEFAULT_TIMEOUT,
+        help="the clients' timeout in seconds (default %(default)s)",
+    )
+    show.add_argument("--seed", type=int, help="replay a run: the seed it printed")
+    show.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="exit after the table instead of serving until Ctrl-C",
+    )
+    show.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
     """The `demo` command."""
+    options = DemoOptions(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        seed=args.seed,
+        serve=not args.no_serve,
+    )
     try:
         asyncio.run(run_demo(options, sys.stdout, sys.stderr))
     except KeyboardInterrupt:  # Ctrl-C during the storm: nothing to clean up by hand
