@@ -133,7 +133,8 @@ async def test_audit_command_fails_ci_and_writes_json(legacy: Legacy, tmp_path: 
     """`audit --yes --json FILE` exits 1 on duplicates and writes every probe to FILE."""
     report_path = tmp_path / "audit.json"
     code, out, _err = await run_cli(
-        "audit", legacy.charges, "--yes", "--timeout", str(TIMEOUT), "--concurrency", "3",
+        "audit", legacy.charges + "?api_token=url-token", "--yes", "--timeout", str(TIMEOUT),
+        "--concurrency", "3",
         "-H", "Authorization: Bearer secret-token", "--data", '{"amount": 500}',
         "--json", str(report_path),
     )  # fmt: skip
@@ -147,6 +148,8 @@ async def test_audit_command_fails_ci_and_writes_json(legacy: Legacy, tmp_path: 
     assert report["duplicate_executions"] >= 1
     assert report["limits"]
     assert "secret-token" not in report_path.read_text()  # header values are not recorded
+    assert report["target"] == legacy.charges + "?api_token=***"
+    assert "url-token" not in out + report_path.read_text()
 
 
 async def test_audit_command_passes_through_the_proxy(legacy: Legacy) -> None:
@@ -161,9 +164,10 @@ async def test_audit_command_passes_through_the_proxy(legacy: Legacy) -> None:
 
 async def test_audit_refuses_to_run_without_yes(legacy: Legacy) -> None:
     """Without --yes the audit sends nothing, says why, and exits 2."""
-    code, out, err = await run_cli("audit", legacy.charges)
+    code, out, err = await run_cli("audit", legacy.charges.replace("://", "://svc:url-pw@"))
     assert code == 2
     assert "--yes" in err and "mutating" in err
+    assert "://svc:***@" in err and "url-pw" not in err
     assert out == ""
     assert legacy.api.ledger.charges == []
 
