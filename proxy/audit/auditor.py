@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from proxy.audit.inference import BUSY_STATUSES, REPLAY_HEADER, _short, identify
 from proxy.audit.model import Attempt, AuditOptions
+from proxy.masking import redact_urls_in
 
 # Every attempt that is not meant to time out gets this long.
 REQUEST_TIMEOUT = 30.0
@@ -123,7 +124,7 @@ class Auditor:
                 label,
                 shown_key,
                 seconds=round(time.perf_counter() - started, 4),
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {redact_urls_in(str(exc))}",  # may quote the URL
             )
 
     async def send_until_settled(self, label: str, key: str, deadline: float) -> list[Attempt]:

@@ -14,6 +14,7 @@ from typing import TextIO
 from proxy.audit.model import AuditOptions
 from proxy.audit.probes import run_audit
 from proxy.audit.report import write_json
+from proxy.masking import redact_url
 
 REFUSAL = (
     "idempotency-proxy audit sends real, mutating requests to {url}: each probe may create "
@@ -40,7 +41,7 @@ def load_data(text: str) -> bytes:
 def main(options: AuditOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """The `audit` command: refuse without --yes, else audit and return the exit status."""
     if not options.yes:
-        print(REFUSAL.format(url=options.url), file=err)
+        print(REFUSAL.format(url=redact_url(options.url)), file=err)
         return 2
     try:
         report = asyncio.run(run_audit(options, out))
