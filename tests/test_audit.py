@@ -180,6 +180,15 @@ async def test_audit_of_a_closed_port_exits_3() -> None:
     assert "COULD NOT AUDIT" in out.getvalue()
 
 
+async def test_a_url_the_client_refuses_is_reported_without_its_credentials() -> None:
+    """The client library's error quotes the URL: the report masks its password."""
+    out = io.StringIO()
+    report = await run_audit(options("ftp://svc:url-pw@127.0.0.1/v1/charges"), out)
+    assert report.exit_code == 3
+    assert "ftp://svc:***@127.0.0.1/v1/charges" in out.getvalue()
+    assert "url-pw" not in out.getvalue() + json.dumps(report.to_json())
+
+
 async def test_audit_of_a_wrong_path_exits_3(legacy: Legacy) -> None:
     """A URL that only answers 404 tests nothing: exit 3, so a typo cannot pass a CI gate."""
     out = io.StringIO()
