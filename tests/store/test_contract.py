@@ -173,55 +173,46 @@ def late(info: RecordInfo) -> bool:
     return info.ttl_remaining is not None and info.ttl_remaining < 0.35
 
 
-async def sleep_until(deadline: float) -> None:
-    """Let the store's clock pass `deadline` (loop time): the behaviour under test is time."""
+async def assert_owned_past(store: Store, record: str, token: str, deadline: float) -> None:
+    """Once the clock passes `deadline` (loop time), the owner still holds the record: a retry
+    is told to wait, not to execute beside it, and the owner's result is stored and replayed."""
     await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+    assert isinstance(await begin(store, record, lease=0.1, ttl=0.1, takeover=True), InProgress)
+    assert await store.complete(record, token, RESPONSE, ttl=TTL)
+    assert await begin(store, record) == Replay(RESPONSE)
+
+
+async def acquire_new(store: Store, *, lease: float, ttl: float) -> tuple[str, str, float]:
+    """A new record's key, its owner's token, and when its ttl ends (loop time)."""
+    record = record_key("r")
+    ttl_ends = asyncio.get_running_loop().time() + ttl
+    lock = await begin(store, record, lease=lease, ttl=ttl)
+    assert isinstance(lock, Acquired)
+    return record, lock.token, ttl_ends
 
 
 async def test_a_takeover_late_in_the_ttl_keeps_the_record_for_its_lease(store: Store) -> None:
     """A takeover near the end of the ttl keeps the record for the whole new lease."""
-    record = record_key("r")
-    ttl, lease = 0.5, 1.5
-    ttl_ends = asyncio.get_running_loop().time() + ttl
-    old = await begin(store, record, lease=0.05, ttl=ttl)
-    assert isinstance(old, Acquired)
+    record, _, ttl_ends = await acquire_new(store, lease=0.05, ttl=0.5)
     # The old owner is dead and less of the ttl is left than the new lease will last.
     await wait_for_record(store, record, lambda info: info.lease_remaining == 0 and late(info))
-    new = await begin(store, record, lease=lease, ttl=ttl, takeover=True)
+    new = await begin(store, record, lease=1.5, ttl=0.5, takeover=True)
     assert isinstance(new, Acquired) and new.takeover
-    await sleep_until(ttl_ends + 0.1)  # past the ttl the record started with
-    # A retry now must wait for the new owner, not execute a second time beside it.
-    assert isinstance(await begin(store, record, lease=lease, ttl=ttl, takeover=True), InProgress)
-    assert await store.complete(record, new.token, RESPONSE, ttl=TTL)
-    assert await begin(store, record) == Replay(RESPONSE)
+    await assert_owned_past(store, record, new.token, ttl_ends + 0.1)
 
 
 async def test_a_lease_longer_than_the_ttl_keeps_a_new_record_for_the_lease(store: Store) -> None:
     """A begin whose lease outlasts its ttl keeps the record for the whole lease."""
-    record = record_key("r")
-    ttl, lease = 0.1, 1.5
-    ttl_ends = asyncio.get_running_loop().time() + ttl
-    lock = await begin(store, record, lease=lease, ttl=ttl)
-    assert isinstance(lock, Acquired)
-    await sleep_until(ttl_ends + 0.1)
-    assert isinstance(await begin(store, record, lease=lease, ttl=ttl, takeover=True), InProgress)
-    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
-    assert await begin(store, record) == Replay(RESPONSE)
+    record, token, ttl_ends = await acquire_new(store, lease=1.5, ttl=0.1)
+    await assert_owned_past(store, record, token, ttl_ends + 0.1)
 
 
 async def test_a_renewal_late_in_the_ttl_keeps_the_record_for_its_lease(store: Store) -> None:
     """A renewal near the end of the ttl keeps the record for the whole renewed lease."""
-    record = record_key("r")
-    ttl, lease = 0.5, 1.5
-    ttl_ends = asyncio.get_running_loop().time() + ttl
-    lock = await begin(store, record, lease=ttl, ttl=ttl)
-    assert isinstance(lock, Acquired)
+    record, token, ttl_ends = await acquire_new(store, lease=0.5, ttl=0.5)
     await wait_for_record(store, record, late)
-    assert await store.renew(record, lock.token, lease=lease)
-    await sleep_until(ttl_ends + 0.1)
-    assert isinstance(await begin(store, record, lease=lease, ttl=ttl, takeover=True), InProgress)
-    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
-    assert await begin(store, record) == Replay(RESPONSE)
+    assert await store.renew(record, token, lease=1.5)
+    await assert_owned_past(store, record, token, ttl_ends + 0.1)
 
 
 async def test_renew_with_a_stale_token_fails(store: Store) -> None:
