@@ -4,6 +4,7 @@ Every section is a frozen dataclass. Parsing collects every problem with its pat
 (`routes[2].ttl: expected a duration like "24h", got "tomorrow"`) and raises them
 together, so an operator fixes a broken file in one pass instead of one error per start.
 Unknown keys are errors: a typo such as `requier_key` must not silently weaken a route.
+A refused value is quoted through `proxy.masking`, so no message carries a password or token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+
+from proxy.masking import mask_text, quote_url, redact_url, show_value
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
@@ -111,37 +114,41 @@ _SIZE_UNITS = {
     "KB": 1000, "MB": 1000**2, "GB": 1000**3,
 }  # fmt: skip
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# An unknown key is quoted back only when it looks like a field name (not a URL, say).
+_FIELD_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}\Z")
 
 
 def parse_duration(value: object) -> float:
     """`"500ms"`, `"10s"`, `"5m"`, `"24h"`, `"1d"` or a number of seconds."""
     if isinstance(value, bool):
-        raise ValueError(f'expected a duration like "24h", got {value!r}')
+        raise ValueError(f'expected a duration like "24h", got {show_value(value)}')
     if isinstance(value, int | float):
         seconds = float(value)
     else:
         match = _DURATION.match(str(value))
         if not match:
-            raise ValueError(f'expected a duration like "24h", got "{value}"')
+            raise ValueError(f'expected a duration like "24h", got "{mask_text(str(value))}"')
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
-        raise ValueError(f"expected a positive duration, got {value!r}")
+        raise ValueError(f"expected a positive duration, got {show_value(value)}")
     return seconds
 
 
 def parse_size(value: object) -> int:
     """`"512KiB"`, `"1MiB"` or a number of bytes."""
     if isinstance(value, bool):
-        raise ValueError(f'expected a size like "1MiB", got {value!r}')
+        raise ValueError(f'expected a size like "1MiB", got {show_value(value)}')
     if isinstance(value, int):
         size = value
     else:
         match = _SIZE.match(str(value))
         if not match:
-            raise ValueError(f'expected a size like "1MiB" or a number of bytes, got "{value}"')
+            raise ValueError(
+                f'expected a size like "1MiB" or a number of bytes, got "{mask_text(str(value))}"'
+            )
         size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
     if size <= 0:
-        raise ValueError(f"expected a positive size, got {value!r}")
+        raise ValueError(f"expected a positive size, got {show_value(value)}")
     return size
 
 
@@ -150,7 +157,7 @@ def parse_address(value: object) -> tuple[str, int]:
     text = str(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f'expected "host:port", got "{text}"')
+        raise ValueError(f'expected "host:port", got "{mask_text(text)}"')
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
@@ -159,9 +166,9 @@ def parse_upstream(value: object) -> str:
     text = str(value).rstrip("/")
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f'expected an http:// or https:// URL, got "{value}"')
+        raise ValueError(f"expected an http:// or https:// URL, got {quote_url(str(value))}")
     if parts.query or parts.fragment or parts.path:
-        raise ValueError(f'expected scheme://host:port without a path, got "{value}"')
+        raise ValueError(f"expected scheme://host:port without a path, got {quote_url(str(value))}")
     return text
 
 
@@ -169,7 +176,9 @@ def parse_store_url(value: object) -> str:
     text = str(value)
     scheme = urlsplit(text).scheme
     if scheme not in ("memory", "redis", "rediss", "unix"):
-        raise ValueError(f'expected memory://, redis://, rediss:// or unix://, got "{text}"')
+        raise ValueError(
+            f"expected memory://, redis://, rediss:// or unix://, got {quote_url(text)}"
+        )
     return text
 
 
@@ -177,7 +186,7 @@ def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         if value not in allowed:
             options = " or ".join(repr(a) for a in allowed)
-            raise ValueError(f"expected {options}, got {value!r}")
+            raise ValueError(f"expected {options}, got {show_value(value)}")
         return str(value)
 
     return parse
@@ -185,30 +194,30 @@ def _choice(*allowed: str) -> Callable[[object], str]:
 
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {show_value(value)}")
     return value
 
 
 def _methods(value: object) -> frozenset[str]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"expected a non-empty list of methods, got {value!r}")
+        raise ValueError(f"expected a non-empty list of methods, got {show_value(value)}")
     methods = set()
     for item in value:
         if not isinstance(item, str) or not _TOKEN.match(item):
-            raise ValueError(f"expected HTTP method names, got {item!r}")
+            raise ValueError(f"expected HTTP method names, got {show_value(item)}")
         methods.add(item.upper())
     return frozenset(methods)
 
 
 def _header_name(value: object) -> str:
     if not isinstance(value, str) or not _TOKEN.match(value):
-        raise ValueError(f"expected a header name, got {value!r}")
+        raise ValueError(f"expected a header name, got {show_value(value)}")
     return value
 
 
 def _header_names(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of header names, got {value!r}")
+        raise ValueError(f"expected a list of header names, got {show_value(value)}")
     return tuple(_header_name(item) for item in value)
 
 
@@ -216,25 +225,32 @@ def _statuses(value: object) -> frozenset[int]:
     if not isinstance(value, list) or not all(
         isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in value
     ):
-        raise ValueError(f"expected a list of HTTP status codes, got {value!r}")
+        raise ValueError(f"expected a list of HTTP status codes, got {show_value(value)}")
     return frozenset(value)
 
 
 def _route_path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f'expected a path starting with "/", got {value!r}')
+        raise ValueError(f'expected a path starting with "/", got {show_value(value)}')
     return value
 
 
 def _text(value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+        raise ValueError(f"expected a non-empty string, got {show_value(value)}")
+    return value
+
+
+def _secret(value: object) -> str:
+    """A token: never quoted back, whatever was wrong with it."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string (the value is not shown)")
     return value
 
 
 def _positive_int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"expected a positive whole number, got {value!r}")
+        raise ValueError(f"expected a positive whole number, got {show_value(value)}")
     return value
 
 
@@ -267,8 +283,7 @@ _STORE_FIELDS: dict[str, Callable[[object], Any]] = {
 _TOP_FIELDS: dict[str, Callable[[object], Any]] = {
     "listen": parse_address,
     "admin_listen": parse_address,
-    "upstream": parse_upstream,
-    "admin_token": _text,
+    "admin_token": _secret,
     "log_level": _choice(*LOG_LEVELS),
     "shutdown_grace": parse_duration,
     "body_read_timeout": parse_duration,
@@ -294,7 +309,7 @@ class _Collector:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
-            self.problems.append(f"{path or '<top>'}: expected a mapping, got {raw!r}")
+            self.problems.append(f"{path or '<top>'}: expected a mapping, got {show_value(raw)}")
             return {}
         parsed: dict[str, Any] = {}
         for name, value in raw.items():
@@ -302,6 +317,11 @@ class _Collector:
             if name in extra:
                 continue
             parser = fields.get(name)
+            if parser is None and not (isinstance(name, str) and _FIELD_NAME.match(name)):
+                self.problems.append(
+                    f"{path or '<top>'}: unknown key (not a field name; not shown)"
+                )
+                continue
             if parser is None:
                 self.problems.append(f"{where}: unknown key")
                 continue
@@ -324,26 +344,57 @@ def parse_config(
     collector = _Collector()
     if raw is None:
         raw = {}
-    top = collector.section("", raw, _TOP_FIELDS, extra=_SECTIONS)
     mapping = raw if isinstance(raw, dict) else {}
-
-    raw_upstream = mapping.get("upstream")
-    if isinstance(raw_upstream, dict):
-        upstream_fields = collector.section("upstream", raw_upstream, _UPSTREAM_FIELDS)
-        if "url" not in raw_upstream:
-            collector.problems.append("upstream.url: required")
-    elif raw_upstream is not None:
-        parsed = collector.section("", {"upstream": raw_upstream}, _TOP_FIELDS)
-        upstream_fields = {"url": parsed["upstream"]} if "upstream" in parsed else {}
-    else:
-        upstream_fields = {}
+    upstream_fields = _upstream_section(collector, mapping.get("upstream"))
+    top = collector.section("", raw, _TOP_FIELDS, extra=_SECTIONS)
     store_fields = collector.section("store", mapping.get("store"), _STORE_FIELDS)
     default_fields = collector.section("defaults", mapping.get("defaults"), _POLICY_FIELDS)
+    _apply_environment(collector, env, top, store_fields)
 
+    upstream = upstream_fields.get("url", DEFAULT_UPSTREAM)
+    defaults = RoutePolicy(path="/*", id="default", upstream=upstream, **default_fields)
+    collector.check_timing("defaults", defaults)
+    routes = _routes(collector, mapping.get("routes"), defaults)
+    if collector.problems:
+        raise ConfigError(collector.problems)
+    return Config(
+        listen=top.get("listen", parse_address(DEFAULT_LISTEN)),
+        admin_listen=top.get("admin_listen", parse_address(DEFAULT_ADMIN_LISTEN)),
+        upstream=upstream,
+        store=StoreConfig(**store_fields),
+        routes=tuple(routes),
+        defaults=defaults,
+        admin_token=top.get("admin_token"),
+        log_level=top.get("log_level", "info"),
+        shutdown_grace=top.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        body_read_timeout=top.get("body_read_timeout", DEFAULT_BODY_READ_TIMEOUT),
+        upstream_keepalive_timeout=upstream_fields.get(
+            "keepalive_timeout", DEFAULT_UPSTREAM_KEEPALIVE
+        ),
+        source=source,
+    )
+
+
+def _upstream_section(collector: _Collector, raw: object) -> dict[str, Any]:
+    """`upstream:` is a URL, or a mapping of the URL and the connection pool's settings."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        parsed = collector.section("", {"upstream": raw}, {"upstream": parse_upstream})
+        return {"url": parsed["upstream"]} if "upstream" in parsed else {}
+    fields = collector.section("upstream", raw, _UPSTREAM_FIELDS)
+    if "url" not in raw:
+        collector.problems.append("upstream.url: required")
+    return fields
+
+
+def _apply_environment(collector: _Collector, env: Mapping[str, str], top: dict[str, Any],
+                       store_fields: dict[str, Any]) -> None:  # fmt: skip
+    """The deployment-specific overrides from the environment."""
     overrides = {
         ENV_LISTEN: ("listen", parse_address),
         ENV_ADMIN_LISTEN: ("admin_listen", parse_address),
-        ENV_ADMIN_TOKEN: ("admin_token", _text),
+        ENV_ADMIN_TOKEN: ("admin_token", _secret),
         ENV_LOG_LEVEL: ("log_level", _choice(*LOG_LEVELS)),
     }
     for var, (name, parser) in overrides.items():
@@ -358,17 +409,16 @@ def parse_config(
         except ValueError as exc:
             collector.problems.append(f"{ENV_STORE_URL} (environment): {exc}")
 
-    upstream = upstream_fields.get("url", DEFAULT_UPSTREAM)
-    defaults = RoutePolicy(path="/*", id="default", upstream=upstream, **default_fields)
-    collector.check_timing("defaults", defaults)
 
-    routes: list[RoutePolicy] = []
-    raw_routes = mapping.get("routes")
+def _routes(collector: _Collector, raw_routes: object, defaults: RoutePolicy) -> list[RoutePolicy]:
+    """Each route: the defaults, with the route's own fields on top."""
     if raw_routes is None:
         raw_routes = [{"path": "/*"}]
     if not isinstance(raw_routes, list):
-        collector.problems.append(f"routes: expected a list of routes, got {raw_routes!r}")
+        shown = show_value(raw_routes)
+        collector.problems.append(f"routes: expected a list of routes, got {shown}")
         raw_routes = []
+    routes: list[RoutePolicy] = []
     seen_ids: set[str] = set()
     for index, raw_route in enumerate(raw_routes):
         where = f"routes[{index}]"
@@ -393,25 +443,7 @@ def parse_config(
         policy = replace(defaults, path=path, id=route_id, **fields)
         collector.check_timing(where, policy)
         routes.append(policy)
-
-    if collector.problems:
-        raise ConfigError(collector.problems)
-    return Config(
-        listen=top.get("listen", parse_address(DEFAULT_LISTEN)),
-        admin_listen=top.get("admin_listen", parse_address(DEFAULT_ADMIN_LISTEN)),
-        upstream=upstream,
-        store=StoreConfig(**store_fields),
-        routes=tuple(routes),
-        defaults=defaults,
-        admin_token=top.get("admin_token"),
-        log_level=top.get("log_level", "info"),
-        shutdown_grace=top.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
-        body_read_timeout=top.get("body_read_timeout", DEFAULT_BODY_READ_TIMEOUT),
-        upstream_keepalive_timeout=upstream_fields.get(
-            "keepalive_timeout", DEFAULT_UPSTREAM_KEEPALIVE
-        ),
-        source=source,
-    )
+    return routes
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -420,6 +452,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     return load_config_text(text, source=str(path), env=env)
 
 
@@ -429,22 +463,36 @@ def load_config_text(
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from exc
+        raise ConfigError([f"{source}: not valid YAML: {yaml_problem(exc)}"]) from exc
     return parse_config(raw, source=source, env=env)
 
 
-def redact_url(url: str) -> str:
-    """A URL with any password (userinfo or `?password=`) masked, for logs."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join(
-        f"{pair.partition('=')[0]}=***" if pair.partition("=")[0].lower() == "password" else pair
-        for pair in parts.query.split("&")
-        if pair
-    )
-    return parts._replace(netloc=netloc, query=query).geturl()
+# What PyYAML quotes in a problem is text of the file: a name (an alias, a tag, an anchor)
+# is masked, one character such as '\t' is kept.
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_ONE_CHARACTER = re.compile(r"^(?:.|\\.|\\x[0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4})\Z")
+
+
+def _masked_quote(match: re.Match[str]) -> str:
+    quoted = match.group(1) if match.group(1) is not None else match.group(2)
+    return match.group(0) if _ONE_CHARACTER.match(quoted) else "(not shown)"
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where a YAML error is and what it is, without the text of the line.
+
+    PyYAML's message quotes the offending line, which may be the store URL with its
+    password, and names such as an undefined alias (`admin_token: *pw...` reads as one).
+    """
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = _QUOTED.sub(_masked_quote, exc.problem or exc.context or "syntax error")
+        if mark is None:
+            return what
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character {exc.position}: {exc.reason}"
+    return "cannot be parsed"
 
 
 def describe(config: Config) -> dict[str, Any]:

@@ -358,6 +358,50 @@ async def test_invalid_config_is_refused_with_every_problem_and_the_old_one_kept
     assert (await pay(client, proxy, key()))[0] == 201
 
 
+SECRET = "Hunter2Pw"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"upstream: http://svc:{SECRET}@up:9000/v1\nstore: {{url: 'mongodb://:{SECRET}@db'}}\n",
+        f"store:\n  url: redis://:{SECRET}@cache:6379: oops\n",  # a YAML syntax error
+    ],
+)
+async def test_a_refused_reload_never_shows_a_secret(
+    start_from_file: FileProxyFactory, client: aiohttp.ClientSession, events: Events, text: str
+) -> None:
+    """Neither the 422 answer nor the log line of a refused reload holds a password."""
+    proxy, path = await start_from_file()
+    path.write_text(text, encoding="utf-8")
+    status, headers, body = await call(client, "POST", proxy.admin_url + "/admin/reload")
+    assert_problem(status, headers, body, 422, "config-rejected")
+    logged = events.named("config reload refused; keeping the running config")
+    assert logged and logged[0]["problems"] == body["problems"]
+    assert SECRET not in json.dumps(body) and SECRET not in json.dumps(logged)
+
+
+async def test_an_applied_reload_logs_the_config_with_its_credentials_masked(
+    upstream: Upstream, start_from_file: FileProxyFactory, client: aiohttp.ClientSession,
+    events: Events,
+) -> None:  # fmt: skip
+    """The reloaded config is logged with every URL password and the admin token masked."""
+    proxy, path = await start_from_file()
+    origin = upstream.url.removeprefix("http://")
+    write_config(path, f"http://svc:{SECRET}@{origin}", admin_token=SECRET,
+                 store={"url": f"rediss://app:{SECRET}@127.0.0.1:1/0?ssl_password={SECRET}"},
+                 routes=[{"path": "/token/*", "upstream": f"http://{SECRET}@{origin}"},
+                         {"path": "/*"}])  # fmt: skip
+    status, _, body = await call(client, "POST", proxy.admin_url + "/admin/reload",
+                                 Authorization=f"Bearer {SECRET}")  # fmt: skip
+    assert status == 200, body
+    assert body["restart_required"] == ["store.url"]
+    (logged,) = events.named("config reloaded")
+    assert logged["config"]["upstream"] == f"http://svc:***@{origin}"
+    assert logged["config"]["routes"][0]["upstream"] == f"http://***@{origin}"  # a token
+    assert SECRET not in json.dumps(body) + json.dumps(events.named("config reloaded"))
+
+
 async def test_reload_keeps_listeners_and_store_and_says_they_need_a_restart(
     upstream: Upstream, start_from_file: FileProxyFactory, client: aiohttp.ClientSession,
     events: Events, redis: RedisServer,

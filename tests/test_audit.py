@@ -126,7 +126,8 @@ async def test_audit_command_fails_ci_and_writes_json(legacy: Legacy, tmp_path: 
     """`audit --yes --json FILE` exits 1 on duplicates and writes every probe to FILE."""
     report_path = tmp_path / "audit.json"
     code, out, _err = await run_cli(
-        "audit", legacy.charges, "--yes", "--timeout", str(TIMEOUT), "--concurrency", "3",
+        "audit", legacy.charges + "?api_token=url-token", "--yes", "--timeout", str(TIMEOUT),
+        "--concurrency", "3",
         "-H", "Authorization: Bearer secret-token", "--data", '{"amount": 500}',
         "--json", str(report_path),
     )  # fmt: skip
@@ -140,6 +141,8 @@ async def test_audit_command_fails_ci_and_writes_json(legacy: Legacy, tmp_path: 
     assert report["duplicate_executions"] >= 1
     assert report["limits"]
     assert "secret-token" not in report_path.read_text()  # header values are not recorded
+    assert report["target"] == legacy.charges + "?api_token=***"
+    assert "url-token" not in out + report_path.read_text()
 
 
 async def test_audit_command_passes_through_the_proxy(legacy: Legacy) -> None:
@@ -154,9 +157,10 @@ async def test_audit_command_passes_through_the_proxy(legacy: Legacy) -> None:
 
 async def test_audit_refuses_to_run_without_yes(legacy: Legacy) -> None:
     """Without --yes the audit sends nothing, says why, and exits 2."""
-    code, out, err = await run_cli("audit", legacy.charges)
+    code, out, err = await run_cli("audit", legacy.charges.replace("://", "://svc:url-pw@"))
     assert code == 2
     assert "--yes" in err and "mutating" in err
+    assert "://svc:***@" in err and "url-pw" not in err
     assert out == ""
     assert legacy.api.ledger.charges == []
 
@@ -167,6 +171,15 @@ async def test_audit_of_a_closed_port_exits_3() -> None:
     report = await run_audit(options(f"http://127.0.0.1:{free_port()}/v1/charges"), out)
     assert report.exit_code == 3
     assert "COULD NOT AUDIT" in out.getvalue()
+
+
+async def test_a_url_the_client_refuses_is_reported_without_its_credentials() -> None:
+    """The client library's error quotes the URL: the report masks its password."""
+    out = io.StringIO()
+    report = await run_audit(options("ftp://svc:url-pw@127.0.0.1/v1/charges"), out)
+    assert report.exit_code == 3
+    assert "ftp://svc:***@127.0.0.1/v1/charges" in out.getvalue()
+    assert "url-pw" not in out.getvalue() + json.dumps(report.to_json())
 
 
 async def test_audit_of_a_wrong_path_exits_3(legacy: Legacy) -> None:

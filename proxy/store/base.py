@@ -118,11 +118,17 @@ class Store(Protocol):
         - in flight, lease expired (the owner died): with `takeover`, take the record
           with a new token and lease -> `Acquired(takeover=True)`; without, turn it into
           the terminal `UNKNOWN_OUTCOME` -> `Replay`.
+
+        A record created or taken over is kept for at least its new lease, even when less
+        of its ttl is left (or `lease` exceeds `ttl`): it never expires under its owner.
         """
         ...
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        """Extend the lease to now + `lease` if `token` still owns the in-flight record."""
+        """Extend the lease to now + `lease` if `token` still owns the in-flight record.
+
+        The record is kept for at least that lease, past its ttl if need be.
+        """
         ...
 
     async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:

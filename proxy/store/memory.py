@@ -77,7 +77,9 @@ class MemoryStore:
         if record is None:
             self._make_room(now)
             token = new_token()
-            self._records[key] = _Record(fingerprint, now + ttl, token, now + lease)
+            # Kept for at least the lease, like every lease granted below: a record that
+            # expired under its owner would let a retry execute a second time beside it.
+            self._records[key] = _Record(fingerprint, now + max(ttl, lease), token, now + lease)
             self._bytes += _RECORD_OVERHEAD
             return Acquired(token)
         if record.fingerprint != fingerprint:
@@ -89,6 +91,7 @@ class MemoryStore:
         if takeover:
             record.token = new_token()
             record.lease_until = now + lease
+            record.expires_at = max(record.expires_at, now + lease)
             return Acquired(record.token, takeover=True)
         record.token = None
         record.outcome = UNKNOWN_OUTCOME
@@ -106,7 +109,7 @@ class MemoryStore:
             return False
         now = self._clock()
         record.lease_until = now + lease
-        record.expires_at = max(record.expires_at, now + lease)  # never expire mid-exchange
+        record.expires_at = max(record.expires_at, now + lease)
         return True
 
     async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:

@@ -51,16 +51,28 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Every transition that grants a lease (create, takeover, renew) keeps the record for at
+# least that lease: a record that expired under its owner would let a concurrent retry
+# acquire the key and execute a second time beside it, and the owner's result be lost.
+_KEEP_FOR_LEASE = """
+local function keep_for_lease(lease)
+  if redis.call('PTTL', KEYS[1]) < tonumber(lease) then
+    redis.call('PEXPIRE', KEYS[1], lease)
+  end
+end
+"""
+
 # KEYS[1] record; ARGV fingerprint, token, lease ms, ttl ms, takeover (1/0)
 # -> {1} acquired | {2} taken over | {3, kind, status, hdrs, body} replay
 #    | {4, ms left} in progress | {5} mismatch
 BEGIN = (
     _NOW
+    + _KEEP_FOR_LEASE
     + """
 local rec = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp')
 if not rec[1] then
   redis.call('HSET', KEYS[1], 'st', 'f', 'fp', ARGV[1], 'tok', ARGV[2], 'exp', now + ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[4]), tonumber(ARGV[3])))
   return {1}
 end
 if rec[2] ~= ARGV[1] then return {5} end
@@ -72,6 +84,7 @@ local left = tonumber(rec[3]) - now
 if left > 0 then return {4, left} end
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'tok', ARGV[2], 'exp', now + ARGV[3])
+  keep_for_lease(ARGV[3])
   return {2}
 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'kind', 'unknown', 'status', '0', 'hdrs', '', 'body', '')
@@ -83,14 +96,12 @@ return {3, 'unknown', '0', '', ''}
 # KEYS[1] record; ARGV token, lease ms -> 1 renewed | 0 not the owner (or already done)
 RENEW = (
     _NOW
+    + _KEEP_FOR_LEASE
     + """
 local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
 if r[1] ~= 'f' or r[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'exp', now + ARGV[2])
--- A slow exchange must not outlive its record: keep the key for at least the lease.
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
+keep_for_lease(ARGV[2])
 return 1
 """
 )

@@ -7,7 +7,7 @@ against the embedded store and a real redis-server, whose clock is its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -18,6 +18,7 @@ from proxy.store.base import (
     InProgress,
     Mismatch,
     Outcome,
+    RecordInfo,
     Replay,
     Store,
     StoredResponse,
@@ -152,6 +153,66 @@ async def test_renewal_keeps_the_record_past_its_ttl(store: Store) -> None:
     assert isinstance(await begin(store, record, lease=lease, ttl=ttl), InProgress)
     assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
     assert await begin(store, record) == Replay(RESPONSE)
+
+
+async def wait_for_record(
+    store: Store, record: str, condition: Callable[[RecordInfo], bool]
+) -> None:
+    """Return once the record exists and meets `condition` (polled, bounded)."""
+    async with asyncio.timeout(5):
+        while True:
+            info = await store.inspect(record)
+            assert info is not None, "the record expired before the test could act on it"
+            if condition(info):
+                return
+            await asyncio.sleep(0.005)
+
+
+def late(info: RecordInfo) -> bool:
+    """Less of the record's 0.5 s ttl is left than the 1.5 s lease the tests grant next."""
+    return info.ttl_remaining is not None and info.ttl_remaining < 0.35
+
+
+async def assert_owned_past(store: Store, record: str, token: str, deadline: float) -> None:
+    """Once the clock passes `deadline` (loop time), the owner still holds the record: a retry
+    is told to wait, not to execute beside it, and the owner's result is stored and replayed."""
+    await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+    assert isinstance(await begin(store, record, lease=0.1, ttl=0.1, takeover=True), InProgress)
+    assert await store.complete(record, token, RESPONSE, ttl=TTL)
+    assert await begin(store, record) == Replay(RESPONSE)
+
+
+async def acquire_new(store: Store, *, lease: float, ttl: float) -> tuple[str, str, float]:
+    """A new record's key, its owner's token, and when its ttl ends (loop time)."""
+    record = record_key("r")
+    ttl_ends = asyncio.get_running_loop().time() + ttl
+    lock = await begin(store, record, lease=lease, ttl=ttl)
+    assert isinstance(lock, Acquired)
+    return record, lock.token, ttl_ends
+
+
+async def test_a_takeover_late_in_the_ttl_keeps_the_record_for_its_lease(store: Store) -> None:
+    """A takeover near the end of the ttl keeps the record for the whole new lease."""
+    record, _, ttl_ends = await acquire_new(store, lease=0.05, ttl=0.5)
+    # The old owner is dead and less of the ttl is left than the new lease will last.
+    await wait_for_record(store, record, lambda info: info.lease_remaining == 0 and late(info))
+    new = await begin(store, record, lease=1.5, ttl=0.5, takeover=True)
+    assert isinstance(new, Acquired) and new.takeover
+    await assert_owned_past(store, record, new.token, ttl_ends + 0.1)
+
+
+async def test_a_lease_longer_than_the_ttl_keeps_a_new_record_for_the_lease(store: Store) -> None:
+    """A begin whose lease outlasts its ttl keeps the record for the whole lease."""
+    record, token, ttl_ends = await acquire_new(store, lease=1.5, ttl=0.1)
+    await assert_owned_past(store, record, token, ttl_ends + 0.1)
+
+
+async def test_a_renewal_late_in_the_ttl_keeps_the_record_for_its_lease(store: Store) -> None:
+    """A renewal near the end of the ttl keeps the record for the whole renewed lease."""
+    record, token, ttl_ends = await acquire_new(store, lease=0.5, ttl=0.5)
+    await wait_for_record(store, record, late)
+    assert await store.renew(record, token, lease=1.5)
+    await assert_owned_past(store, record, token, ttl_ends + 0.1)
 
 
 async def test_renew_with_a_stale_token_fails(store: Store) -> None:

@@ -14,6 +14,7 @@ import time
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy.masking import redact_urls_in
 from proxy.tools.audit.inference import BUSY_STATUSES, REPLAY_HEADER, identify, shorten
 from proxy.tools.audit.model import Attempt, AuditOptions
 
@@ -123,7 +124,7 @@ class Auditor:
                 label,
                 shown_key,
                 seconds=round(time.perf_counter() - started, 4),
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {redact_urls_in(str(exc))}",  # may quote the URL
             )
 
     async def send_until_settled(self, label: str, key: str, deadline: float) -> list[Attempt]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from proxy.masking import redact_url
 from proxy.tools.audit.model import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DATA,
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 def audit(options: AuditOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Refuse without --yes, else audit and return the exit status."""
     if not options.yes:
-        print(REFUSAL.format(url=options.url), file=err)
+        print(REFUSAL.format(url=redact_url(options.url)), file=err)
         return 2
     try:
         report = asyncio.run(run_audit(options, out))

@@ -18,6 +18,7 @@ from typing import TextIO
 import aiohttp
 
 from proxy.config import KEY_MAX_LENGTH
+from proxy.masking import redact_url
 from proxy.tools.audit.auditor import POLL_DEADLINE, RETRY_PAUSE_MIN, Auditor, OutOfRequests
 from proxy.tools.audit.inference import (
     LONG_KEY_LENGTH,
@@ -174,7 +175,7 @@ async def run_audit(options: AuditOptions, out: TextIO | None = None) -> AuditRe
             except OutOfRequests as exc:
                 result.verdict, result.happened = Verdict.WARNING, f"not run: {exc}"
     report = AuditReport(
-        target=options.url,
+        target=redact_url(options.url),  # the report gets shared: no credentials in it
         method=options.method,
         key_header=options.key_header,
         probes=results,
