@@ -48,6 +48,9 @@ class Exchange:
     upstream_status: int | None = None
     upstream_seconds: float | None = None
     error: str | None = None  # what went wrong, for the log line only
+    # Work that must follow the answer, not precede it: recording a first attempt's result
+    # (one store round trip the client need not wait for; the lease guards the key meanwhile).
+    settle: Callable[[], Awaitable[None]] | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -62,7 +65,8 @@ async def observe(request: web.BaseRequest, handler: Handler) -> web.StreamRespo
     """Count and log every request once, including those whose client went away.
 
     The response is written here rather than after the handler returns, so that the log
-    line has the status actually sent, and a failure to write it.
+    line has the status actually sent, and a failure to write it; then the exchange's
+    `settle` runs (the first attempt's result is recorded once its answer is on its way).
     """
     exchange = Exchange(request_id(request))
     request[EXCHANGE] = exchange
@@ -77,6 +81,8 @@ async def observe(request: web.BaseRequest, handler: Handler) -> web.StreamRespo
         raise
     finally:
         elapsed = time.perf_counter() - exchange.started
+        if exchange.settle is not None:
+            await exchange.settle()
         metrics.observe_request(exchange.route, request.method, exchange.outcome, elapsed)
         if exchange.upstream_seconds is not None:
             metrics.observe_upstream(exchange.route, exchange.upstream_seconds)

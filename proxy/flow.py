@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
+from functools import partial
 
 from aiohttp import web
 
@@ -152,7 +153,12 @@ class Proxy:
 
     async def execute(self, request: web.BaseRequest, route: RoutePolicy, owner: Owner,
                       target: str, body: bytes, ex: Exchange) -> web.StreamResponse:  # fmt: skip
-        """Forward a first attempt, settle its record, answer the client.
+        """Forward a first attempt, answer the client, settle its record.
+
+        The answer does not wait for the result to be recorded: `ex.settle` records it once
+        the answer is on its way (see `proxy.exchange.observe`), and until then the lease
+        guards the key, so a retry meanwhile gets 409, never a second execution. A release
+        is awaited first: a retry after a 429/503 must find the key free.
 
         A client that disconnects does not stop this: the server runs handlers with
         `handler_cancellation` off (see `proxy.server`), so the exchange still completes and
@@ -176,7 +182,7 @@ class Proxy:
             ex.outcome, ex.error = error.outcome, error.detail
             status, headers, content = error.parts(ex.request_id)
             stored = StoredResponse(status, tuple(headers), content)
-            await self.record(owner, Outcome("response", stored), ex)
+            ex.settle = partial(self.record, owner, Outcome("response", stored), ex)
             return make_response(stored.status, stored.headers, stored.body)
         ex.upstream_status = reply.status
         ex.upstream_seconds = time.perf_counter() - started
@@ -185,7 +191,7 @@ class Proxy:
             await owner.release()
         elif reply.complete:
             stored = StoredResponse(reply.status, tuple(reply.headers), reply.body)
-            await self.record(owner, Outcome("response", stored), ex)
+            ex.settle = partial(self.record, owner, Outcome("response", stored), ex)
             metrics.STORED_BYTES.observe(len(reply.body))
         else:
             ex.outcome = RequestOutcome.TOO_LARGE

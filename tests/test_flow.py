@@ -14,9 +14,12 @@ import aiohttp
 import pytest
 
 from proxy.errors import PROBLEM_TYPE_PREFIX
+from proxy.keys import scope_of, storage_key
 from proxy.outcomes import RequestOutcome
-from proxy.server import Running
-from tests.conftest import ProxyFactory, RedisServer, Upstream, key
+from proxy.server import Running, serve
+from proxy.store.base import Outcome
+from proxy.store.memory import MemoryStore
+from tests.conftest import ProxyFactory, RedisServer, Upstream, key, make_config
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -499,3 +502,47 @@ async def test_an_unprotected_request_whose_upstream_hangs_up_is_an_upstream_err
         )
     assert await count(RequestOutcome.UPSTREAM_ERROR) == before[RequestOutcome.UPSTREAM_ERROR] + 1
     assert await count(RequestOutcome.UNKNOWN_OUTCOME) == before[RequestOutcome.UNKNOWN_OUTCOME]
+
+
+class GatedCompletes(MemoryStore):
+    """The embedded store, holding every `complete` until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().complete(key, token, outcome, ttl=ttl)
+
+
+async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """One store round trip on the critical path: the first client has its answer while the
+    complete is still pending; a retry meanwhile gets 409 (the lease guards the key), and
+    once the result is recorded the retry replays it. The upstream executed once."""
+    store = GatedCompletes()
+    async with serve(make_config(upstream.url), store) as proxy:
+        k = key("early")
+        first = await post(client, proxy, "/v1/pay", b"{}", k)
+        assert first[0] == 201 and store.waiting.is_set() and not store.gate.is_set()
+        # A retry comes on a connection of its own (the first one carries the first answer,
+        # and aiohttp serves a connection's next request once the record is settled).
+        async with aiohttp.ClientSession() as other:
+            meanwhile = await post(other, proxy, "/v1/pay", b"{}", k)
+        assert meanwhile[0] == 409
+        assert problem(meanwhile[2])["type"] == PROBLEM_TYPE_PREFIX + "key-in-use"
+        store.gate.set()
+        record = storage_key("default", scope_of([("Authorization", ())]), k).store
+        for _ in range(1000):  # until the complete that the gate held has run
+            info = await store.inspect(record)
+            if info is not None and info.state == "done":
+                break
+            await asyncio.sleep(0.001)
+        replayed = await post(client, proxy, "/v1/pay", b"{}", k)
+    assert replayed[0] == 201 and replayed[1].get("Idempotent-Replayed") == "true"
+    assert replayed[2] == first[2]
+    assert upstream.executions(k) == 1
