@@ -68,7 +68,7 @@ class RedisNode:
             sock.sendall((" ".join(args) + "\r\n").encode())
             return sock.recv(65536)
 
-    def keys(self, pattern: str = "idp:*") -> list[bytes]:
+    def records(self, pattern: str = "idp:*") -> list[bytes]:
         reader = hiredis.Reader()
         reader.feed(self.command("KEYS", pattern))
         reply = reader.gets()
@@ -99,9 +99,11 @@ def primary_and_replica(
     redis_nodes: list[RedisNode], tmp_path: Path
 ) -> tuple[RedisNode, RedisNode]:
     """A primary and one replica of it, replication link up."""
-    primary = RedisNode(tmp_path / "primary").start()
+    # No diskless-sync delay: the replica's first sync starts at once, not after 5 s.
+    primary = RedisNode(tmp_path / "primary", ["--repl-diskless-sync-delay", "0"]).start()
     redis_nodes.append(primary)
-    replica = RedisNode(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port)])
+    replica = RedisNode(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port),
+                                               "--repl-diskless-sync-delay", "0"])  # fmt: skip
     redis_nodes.append(replica.start())
     wait_until(lambda: b"master_link_status:up" in replica.command("INFO", "replication"))
     wait_until(lambda: b"connected_slaves:1" in primary.command("INFO", "replication"))
