@@ -164,3 +164,18 @@ async def test_callers_waiting_for_a_connection_that_drops_at_once_fail() -> Non
             assert all(isinstance(r, StoreUnavailable) for r in results), results
         finally:
             await connection.close()
+
+
+async def test_large_writes_do_not_starve_small_commands(redis: RedisServer) -> None:
+    """Small commands queued with many 1 MiB writes travel on their own connection and are
+    answered, however the large writes fare."""
+    connection = batcher(redis.url, timeout=0.7)
+    body = b"x" * (1024 * 1024)
+    try:
+        large = [connection.call("SET", f"idp:large:{i}", body) for i in range(40)]
+        small = [connection.call("ECHO", f"s{i}") for i in range(20)]
+        replies = await asyncio.gather(*small)
+        assert replies == [f"s{i}".encode() for i in range(20)]
+        await asyncio.gather(*large, return_exceptions=True)
+    finally:
+        await connection.close()
