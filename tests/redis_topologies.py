@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -21,52 +20,20 @@ from pathlib import Path
 import hiredis
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
 
 
-@dataclass
-class RedisNode:
-    """One redis-server: `port` is plain TCP; `args` are added to its command line."""
+class RedisNode(RedisServer):
+    """A redis-server on a free plain port, with `extra_args` on its command line."""
 
-    directory: Path
-    args: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+    @classmethod
+    def make(cls, directory: Path, args: list[str] | None = None) -> RedisNode:
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(free_port(), str(directory), extra_args=args or [])
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisNode:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "warning",
-             *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.command("PING").startswith(b"+PONG"):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def command(self, *args: str) -> bytes:
-        """One inline command on the plain port; the raw reply."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall((" ".join(args) + "\r\n").encode())
-            return sock.recv(65536)
+    def started(self) -> RedisNode:
+        self.start()
+        return self
 
     def records(self, pattern: str = "idp:*") -> list[bytes]:
         reader = hiredis.Reader()
@@ -100,11 +67,11 @@ def primary_and_replica(
 ) -> tuple[RedisNode, RedisNode]:
     """A primary and one replica of it, replication link up."""
     # No diskless-sync delay: the replica's first sync starts at once, not after 5 s.
-    primary = RedisNode(tmp_path / "primary", ["--repl-diskless-sync-delay", "0"]).start()
+    primary = RedisNode.make(tmp_path / "primary", ["--repl-diskless-sync-delay", "0"]).started()
     redis_nodes.append(primary)
-    replica = RedisNode(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port),
-                                               "--repl-diskless-sync-delay", "0"])  # fmt: skip
-    redis_nodes.append(replica.start())
+    replica = RedisNode.make(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port),
+                                                    "--repl-diskless-sync-delay", "0"])  # fmt: skip
+    redis_nodes.append(replica.started())
     wait_until(lambda: b"master_link_status:up" in replica.command("INFO", "replication"))
     wait_until(lambda: b"connected_slaves:1" in primary.command("INFO", "replication"))
     return primary, replica
@@ -162,7 +129,7 @@ def tls_node(directory: Path, certs: Certificates, *, server: str = "server",
              clients_need_certs: bool = False) -> RedisNode:  # fmt: skip
     """A node with a TLS port (in `node.tls_port`) next to its plain one."""
     tls_port = free_port()
-    node = RedisNode(directory, [
+    node = RedisNode.make(directory, [
         "--tls-port", str(tls_port), "--tls-cert-file", certs.path(f"{server}.crt"),
         "--tls-key-file", certs.path(f"{server}.key"), "--tls-ca-cert-file", certs.path("ca.crt"),
         "--tls-auth-clients", "yes" if clients_need_certs else "no",

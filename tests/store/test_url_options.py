@@ -45,7 +45,7 @@ async def test_tls_verify_full(
 ) -> None:
     """With the CA, the server's certificate and name are verified; with the wrong CA the
     connection is refused."""
-    node = tls_node(tmp_path / "tls", certificates).start()
+    node = tls_node(tmp_path / "tls", certificates).started()
     redis_nodes.append(node)
     assert await works(tls_url(node, certificates))
     assert await works(tls_url(node, certificates, "ssl_cert_reqs=required"))
@@ -57,7 +57,7 @@ async def test_tls_ca_given_as_data(
     certificates: Certificates, redis_nodes: list[RedisNode], tmp_path: Path
 ) -> None:
     """`ssl_ca_data` carries the CA in the URL itself."""
-    node = tls_node(tmp_path / "tls", certificates).start()
+    node = tls_node(tmp_path / "tls", certificates).started()
     redis_nodes.append(node)
     pem = (certificates.directory / "ca.crt").read_text()
     port = node.tls_port  # type: ignore[attr-defined]
@@ -69,7 +69,7 @@ async def test_mutual_tls(
 ) -> None:
     """A server that demands client certificates accepts ssl_certfile/ssl_keyfile, and
     refuses a client without them."""
-    node = tls_node(tmp_path / "mtls", certificates, clients_need_certs=True).start()
+    node = tls_node(tmp_path / "mtls", certificates, clients_need_certs=True).started()
     redis_nodes.append(node)
     client = (f"ssl_certfile={certificates.path('client.crt')}",
               f"ssl_keyfile={certificates.path('client.key')}")  # fmt: skip
@@ -82,7 +82,7 @@ async def test_tls_hostname_check_can_be_turned_off(
 ) -> None:
     """A certificate for another name fails verify-full, and passes with
     ssl_check_hostname=false (the chain is still verified)."""
-    node = tls_node(tmp_path / "other", certificates, server="other").start()
+    node = tls_node(tmp_path / "other", certificates, server="other").started()
     redis_nodes.append(node)
     assert not await works(tls_url(node, certificates))
     assert await works(tls_url(node, certificates, "ssl_check_hostname=false"))
