@@ -73,8 +73,16 @@ def primary_and_replica(
                                                     "--repl-diskless-sync-delay", "0"])  # fmt: skip
     redis_nodes.append(replica.started())
     wait_until(lambda: b"master_link_status:up" in replica.command("INFO", "replication"))
-    wait_until(lambda: b"connected_slaves:1" in primary.command("INFO", "replication"))
+    replicating(primary)
     return primary, replica
+
+
+def replicating(primary: RedisNode) -> None:
+    """Wait until a replica acknowledges `primary`'s writes (a fresh replica may take up to
+    a second to send its first acknowledgement, which WAIT needs)."""
+    primary.command("SET", "warm-up", "1")
+    wait_until(lambda: primary.command("WAIT", "1", "100").startswith(b":1"))
+    primary.command("DEL", "warm-up")
 
 
 # --- TLS: a CA, server and client certificates made with the openssl CLI --------------

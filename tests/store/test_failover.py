@@ -8,7 +8,7 @@ import time
 import aiohttp
 
 from tests.conftest import ProxyFactory, Upstream, key
-from tests.redis_topologies import RedisNode, wait_until
+from tests.redis_topologies import RedisNode, replicating, wait_until
 
 
 async def post(client: aiohttp.ClientSession, url: str, k: str) -> int:
@@ -88,7 +88,7 @@ async def test_min_replicas_ack_waits_for_a_replica_and_withdraws_without_one(
     wait_until(lambda: not in_flight(primary))  # the begin ran on the primary: withdrawn
 
     replica.start()
-    wait_until(lambda: b"master_link_status:up" in replica.command("INFO", "replication"))
+    replicating(primary)
     assert await ready(client, proxy.admin_url) == 200
     assert await post(client, proxy.url, lost) == 201
     assert upstream.executions(lost) == 1
