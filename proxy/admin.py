@@ -199,7 +199,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the store answers, so protected requests can be decided."""
+    """Ready: the store takes writes (a probe write, not a PING), so requests can be decided."""
     try:
         await request.app[PROXY_APP][STORE].ping()
     except StoreError as exc:

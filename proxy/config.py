@@ -15,9 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
+from redis.asyncio.connection import ConnectionPool, SSLConnection
+from redis.exceptions import RedisError
 
 from proxy.masking import mask_text, quote_url, redact_url, show_value
 
@@ -86,6 +88,8 @@ class StoreConfig:
     namespace: str = DEFAULT_NAMESPACE
     max_records: int = DEFAULT_MEMORY_MAX_RECORDS
     max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
+    # Replicas that must acknowledge a begin, renew or complete (Redis WAIT) for it to count.
+    min_replicas_ack: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +183,88 @@ def parse_store_url(value: object) -> str:
         raise ValueError(
             f"expected memory://, redis://, rediss:// or unix://, got {quote_url(text)}"
         )
+    if scheme != "memory":
+        check_redis_url(text)
     return text
+
+
+# Query options of a Redis store URL, passed to redis-py exactly as it parses them.
+REDIS_URL_OPTIONS = frozenset({
+    "db", "username", "password", "protocol", "client_name", "lib_name", "lib_version",
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
+    "max_connections", "retry_on_timeout",
+})  # fmt: skip
+REDIS_TLS_OPTIONS = frozenset({
+    "ssl_keyfile", "ssl_certfile", "ssl_password", "ssl_cert_reqs", "ssl_ca_certs",
+    "ssl_ca_data", "ssl_ca_path", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+    "ssl_include_verify_flags", "ssl_exclude_verify_flags",
+})  # fmt: skip
+# Options redis-py would accept that the store refuses, and why.
+_REFUSED_REDIS_OPTIONS = {
+    "decode_responses": "the store reads replies as bytes",
+    "encoding": "the store encodes its own values",
+    "encoding_errors": "the store encodes its own values",
+    "retry_on_error": "the proxy never re-sends a store command",
+    "timeout": "use store.timeout",
+    "socket_keepalive_options": "not expressible in a URL; keepalive timing is redis-py's",
+}
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL option the store would not honour exactly as redis-py does.
+
+    Every option is checked by name, then redis-py parses the URL and builds (without
+    connecting) the connection it describes, TLS context included, so a bad value or a
+    missing certificate file is reported now rather than on the first request.
+    """
+    parts = urlsplit(url)
+    names = [pair.partition("=")[0] for pair in parts.query.split("&") if pair]
+    for name in names:
+        if name in _REFUSED_REDIS_OPTIONS:
+            raise ValueError(f"option {name} is not supported: {_REFUSED_REDIS_OPTIONS[name]}")
+        if name in REDIS_TLS_OPTIONS and parts.scheme != "rediss":
+            raise ValueError(f"option {name} needs a rediss:// URL")
+        if name not in REDIS_URL_OPTIONS | REDIS_TLS_OPTIONS:
+            raise ValueError(f"option {name} is not a known Redis URL option")
+    values = dict(parse_qsl(parts.query))
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+        if name in values and not os.path.isfile(values[name]):
+            raise ValueError(f"option {name}: no such file: {values[name]}")
+    if parts.scheme == "unix" and "socket_keepalive" in names:
+        raise ValueError("option socket_keepalive applies to TCP only, not unix://")
+    try:
+        pool = ConnectionPool.from_url(url)
+        if pool.connection_kwargs.get("retry_on_timeout"):
+            raise ValueError("option retry_on_timeout: the proxy never re-sends a store command")
+        connection = pool.make_connection()  # type: ignore[no-untyped-call]
+        if isinstance(connection, SSLConnection):
+            connection.ssl_context.get()
+    except (ValueError, TypeError, RedisError, OSError) as exc:
+        raise ValueError(f"{_option_named(exc, parts.query, names)}{exc}") from None
+
+
+# Words of redis-py's and the ssl module's messages -> the option they are about.
+_MESSAGE_OPTIONS = {
+    "Certificate Requirements": "ssl_cert_reqs",
+    "TLS/SSL version": "ssl_min_version",
+    "cipher": "ssl_ciphers",
+    "PEM": "ssl_certfile",
+}
+
+
+def _option_named(exc: Exception, query: str, names: list[str]) -> str:
+    """`option NAME: ` for the option an error is about, when that can be told."""
+    message = str(exc)
+    if message.startswith("option "):
+        return ""
+    filename = getattr(exc, "filename", None)
+    for name in names:
+        if name in message or (filename and f"{name}={filename}" in unquote(query)):
+            return f"option {name}: "
+    for words, name in _MESSAGE_OPTIONS.items():
+        if words in message and name in names:
+            return f"option {name}: "
+    return ""
 
 
 def _choice(*allowed: str) -> Callable[[object], str]:
@@ -254,6 +339,12 @@ def _positive_int(value: object) -> int:
     return value
 
 
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, got {value!r}")
+    return value
+
+
 # Field name in YAML -> parser. The same table drives `defaults` and each route.
 _POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
     "methods": _methods,
@@ -279,6 +370,7 @@ _STORE_FIELDS: dict[str, Callable[[object], Any]] = {
     "namespace": _text,
     "max_records": _positive_int,
     "max_bytes": parse_size,
+    "min_replicas_ack": _count,
 }
 _TOP_FIELDS: dict[str, Callable[[object], Any]] = {
     "listen": parse_address,
@@ -506,6 +598,7 @@ def describe(config: Config) -> dict[str, Any]:
             "url": redact_url(config.store.url),
             "fail_mode": config.store.fail_mode,
             "timeout": config.store.timeout,
+            "min_replicas_ack": config.store.min_replicas_ack,
             "namespace": config.store.namespace,
         },
         "admin_token": "***" if config.admin_token else None,

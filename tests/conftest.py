@@ -128,6 +128,7 @@ class RedisServer:
     port: int
     directory: str
     process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)  # appended to the command line
 
     @property
     def url(self) -> str:
@@ -138,7 +139,8 @@ class RedisServer:
         assert binary, "redis-server is not installed (scripts/bootstrap installs it)"
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning"],
+             "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning",
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10

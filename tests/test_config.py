@@ -231,12 +231,12 @@ def test_describe_masks_every_credential() -> None:
     config = parse_config({
         "upstream": f"https://svc:{SECRET}@up:8443",
         "admin_token": SECRET,
-        "store": {"url": f"redis://app:{SECRET}@cache:6379/0?ssl_password={SECRET}"},
+        "store": {"url": f"rediss://app:{SECRET}@cache:6379/0?ssl_password={SECRET}"},
         "routes": [{"path": "/*", "upstream": f"http://{SECRET}@other:9000"}],
     }, env={})  # fmt: skip
     described = json.dumps(describe(config))
     assert SECRET not in described
-    assert "redis://app:***@cache:6379/0?ssl_password=***" in described
+    assert "rediss://app:***@cache:6379/0?ssl_password=***" in described
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
