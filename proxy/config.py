@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.store_url import is_topology_url, parse_topology
+
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
 DEFAULT_UPSTREAM = "http://127.0.0.1:9000"
@@ -164,9 +166,15 @@ def parse_upstream(value: object) -> str:
 
 def parse_store_url(value: object) -> str:
     text = str(value)
+    if is_topology_url(text):
+        parse_topology(text)  # a bad host list or option is refused here, by name
+        return text
     scheme = urlsplit(text).scheme
     if scheme not in ("memory", "redis", "rediss", "unix"):
-        raise ValueError(f'expected memory://, redis://, rediss:// or unix://, got "{text}"')
+        raise ValueError(
+            "expected memory://, redis://, rediss://, unix://, redis+sentinel:// or "
+            f'redis+cluster:// (or a rediss+ form), got "{redact_url(text)}"'
+        )
     return text
 
 
