@@ -114,10 +114,10 @@ def _data_node_args(port: int, *extra: str) -> list[str]:
 
 @dataclass
 class SentinelGroup:
-    """A primary, a replica and three sentinels watching them as `SERVICE`."""
+    """A primary, its replicas and three sentinels watching them as `SERVICE`."""
 
     directory: Path
-    data: list[Node] = field(default_factory=list)  # [first primary, first replica]
+    data: list[Node] = field(default_factory=list)  # [first primary, *first replicas]
     sentinels: list[Node] = field(default_factory=list)
 
     @property
@@ -165,7 +165,7 @@ class SentinelGroup:
 
 
 def _sentinel_config(group: SentinelGroup, index: int, ids: list[str]) -> str:
-    primary, replica = group.data
+    primary, *replicas = group.data
     lines = [
         f"port {group.sentinels[index].port}",
         "bind 127.0.0.1",
@@ -176,9 +176,9 @@ def _sentinel_config(group: SentinelGroup, index: int, ids: list[str]) -> str:
         f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
         f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
         f"sentinel parallel-syncs {SERVICE} 1",
-        # Known up front, so that a failover does not wait for discovery.
-        f"sentinel known-replica {SERVICE} 127.0.0.1 {replica.port}",
     ]
+    # Known up front, so that a failover does not wait for discovery.
+    lines += [f"sentinel known-replica {SERVICE} 127.0.0.1 {r.port}" for r in replicas]
     for other, sentinel in enumerate(group.sentinels):
         if other != index:
             lines.append(
@@ -187,15 +187,15 @@ def _sentinel_config(group: SentinelGroup, index: int, ids: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_sentinel_group(directory: Path) -> SentinelGroup:
-    """Start the group and wait until the replica is in sync and the sentinels see it all."""
+def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
+    """Start the group and wait until the replicas are in sync and the sentinels see it all."""
     group = SentinelGroup(directory)
-    primary_port, replica_port = free_port(), free_port()
-    group.data = [
-        Node(primary_port, directory / "primary", _data_node_args(primary_port)),
-        Node(replica_port, directory / "replica",
-             _data_node_args(replica_port, "--replicaof", "127.0.0.1", str(primary_port))),
-    ]  # fmt: skip
+    primary_port = free_port()
+    group.data = [Node(primary_port, directory / "primary", _data_node_args(primary_port))]
+    for index in range(replicas):
+        port = free_port()
+        args = _data_node_args(port, "--replicaof", "127.0.0.1", str(primary_port))
+        group.data.append(Node(port, directory / f"replica{index}", args))
     ids = [os.urandom(20).hex() for _ in range(3)]
     for index in range(3):
         port = free_port()
@@ -211,11 +211,12 @@ def start_sentinel_group(directory: Path) -> SentinelGroup:
             sentinel.start()
         for node in [*group.data, *group.sentinels]:
             node.wait_ready()
-        with client(replica_port) as c:
-            wait_until(
-                lambda: c.info("replication")["master_link_status"] == "up",
-                _START_TIMEOUT, "the replica to sync",
-            )  # fmt: skip
+        for replica in group.data[1:]:
+            with client(replica.port) as c:
+                wait_until(
+                    lambda c=c: c.info("replication")["master_link_status"] == "up",
+                    _START_TIMEOUT, "the replicas to sync",
+                )  # fmt: skip
         for sentinel in group.sentinels:
             with client(sentinel.port) as c:
 
@@ -223,7 +224,7 @@ def start_sentinel_group(directory: Path) -> SentinelGroup:
                     state = c.sentinel_master(SERVICE)
                     return bool(
                         state["num-other-sentinels"] == 2
-                        and state["num-slaves"] == 1
+                        and state["num-slaves"] == replicas
                         and state["is_master"]
                     )
 
@@ -235,9 +236,9 @@ def start_sentinel_group(directory: Path) -> SentinelGroup:
 
 
 @contextmanager
-def sentinel_group() -> Iterator[SentinelGroup]:
+def sentinel_group(replicas: int = 1) -> Iterator[SentinelGroup]:
     with tempfile.TemporaryDirectory() as directory:
-        group = start_sentinel_group(Path(directory))
+        group = start_sentinel_group(Path(directory), replicas)
         try:
             yield group
         finally:
@@ -253,8 +254,9 @@ def shared_sentinel_group() -> Iterator[SentinelGroup]:
 
 @pytest.fixture
 def new_sentinel_group() -> Iterator[SentinelGroup]:
-    """A group of this test's own, to kill its primary."""
-    with sentinel_group() as group:
+    """A group of this test's own, to kill its primary: two replicas, so that one is
+    left to acknowledge writes after the other is promoted."""
+    with sentinel_group(replicas=2) as group:
         yield group
 
 
@@ -263,7 +265,7 @@ def new_sentinel_group() -> Iterator[SentinelGroup]:
 
 @dataclass
 class ClusterNodes:
-    """A Cluster of three masters (each with a replica when `replicas` is 1)."""
+    """A Cluster of three masters, each with `replicas` replicas."""
 
     directory: Path
     nodes: list[Node] = field(default_factory=list)
@@ -377,6 +379,7 @@ def shared_cluster() -> Iterator[ClusterNodes]:
 
 @pytest.fixture
 def new_cluster() -> Iterator[ClusterNodes]:
-    """Three masters with a replica each, of this test's own, to fail one over."""
-    with cluster(replicas=1) as nodes:
+    """Three masters with two replicas each, of this test's own, to fail one over (one
+    replica is promoted, one is left to acknowledge writes)."""
+    with cluster(replicas=2) as nodes:
         yield nodes
