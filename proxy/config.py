@@ -83,6 +83,8 @@ class StoreConfig:
     namespace: str = DEFAULT_NAMESPACE
     max_records: int = DEFAULT_MEMORY_MAX_RECORDS
     max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
+    # Replicas that must acknowledge a begin, renew or complete (Redis WAIT) for it to count.
+    min_replicas_ack: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +245,12 @@ def _positive_int(value: object) -> int:
     return value
 
 
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, got {value!r}")
+    return value
+
+
 # Field name in YAML -> parser. The same table drives `defaults` and each route.
 _POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
     "methods": _methods,
@@ -268,6 +276,7 @@ _STORE_FIELDS: dict[str, Callable[[object], Any]] = {
     "namespace": _text,
     "max_records": _positive_int,
     "max_bytes": parse_size,
+    "min_replicas_ack": _count,
 }
 _TOP_FIELDS: dict[str, Callable[[object], Any]] = {
     "listen": parse_address,
@@ -445,6 +454,7 @@ def describe(config: Config) -> dict[str, Any]:
             "url": redact_url(config.store.url),
             "fail_mode": config.store.fail_mode,
             "timeout": config.store.timeout,
+            "min_replicas_ack": config.store.min_replicas_ack,
             "namespace": config.store.namespace,
         },
         "admin_token": "***" if config.admin_token else None,

@@ -21,7 +21,7 @@ def open_store(config: StoreConfig) -> Store:
         return MemoryStore(max_records=config.max_records, max_bytes=config.max_bytes)
     from proxy.store.redis import RedisStore
 
-    return RedisStore(config.url, timeout=config.timeout)
+    return RedisStore(config.url, timeout=config.timeout, min_replicas_ack=config.min_replicas_ack)
 
 
 class MeasuredStore:

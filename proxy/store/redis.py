@@ -5,13 +5,13 @@ proxies whose clocks disagree still agree on whether a lease has run out. Every 
 that changes an in-flight record checks its fencing token (the model is redis-py's
 `Lock.release` script).
 
-Throughput: awaiting redis-py once per command costs a Python proxy about half its
-throughput, and the round trips are not what costs. So the hot path (begin, renew, complete,
-release) goes through `RedisConnection`, one multiplexed connection that writes the commands
-of concurrent requests together and parses replies with hiredis. redis-py serves the
-operator's occasional calls (counting records with SCAN).
+Every command goes through a `RedisBatcher` (see `connection.py`): the commands of
+concurrent requests travel together on connections redis-py establishes and keeps, so the
+hot path keeps its speed without connection code of our own. The store is built on a
+batcher, so the same scripts run on a standalone node, behind Sentinel, or per Cluster node.
 
-Redis errors are translated into `StoreUnavailable` here and in `connection.py`, nowhere else.
+Error replies are translated into `StoreUnavailable` here, and redis-py's own errors in
+`connection.py`, nowhere else.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.keys import STORAGE_PREFIX
@@ -41,7 +36,12 @@ from proxy.store.base import (
     StoredResponse,
     new_token,
 )
-from proxy.store.connection import RedisConnection, ReplyError, Unanswered
+from proxy.store.connection import (
+    RedisBatcher,
+    ReplyError,
+    Unanswered,
+    connection_pool,
+)
 from proxy.tasks import spawn
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
@@ -175,45 +175,58 @@ _WITHDRAW_FIRST = 0.05
 _WITHDRAW_MAX = 1.0
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "no answer within the store timeout"
-    return str(exc) or type(exc).__name__
+# The readiness probe's key: a write, so a store that refuses writes is not ready.
+READINESS_KEY = STORAGE_PREFIX + "readyz"
 
 
 class RedisStore:
-    """`Store` on Redis (`redis://`, `rediss://`, `unix://`)."""
+    """`Store` on Redis (`redis://`, `rediss://`, `unix://`), or on any `RedisBatcher`.
 
-    def __init__(self, url: str, *, timeout: float = 0.5) -> None:
-        self._url = url
+    With `min_replicas_ack`, begin, renew and complete (and the readiness probe) count as
+    done only once that many replicas acknowledged them.
+    """
+
+    def __init__(
+        self, url: str = "", *, timeout: float = 0.5, min_replicas_ack: int = 0,
+        batcher: RedisBatcher | None = None,
+    ) -> None:  # fmt: skip
         self._timeout = timeout
-        self._connection = RedisConnection(url, timeout)
-        self._admin_client: aioredis.Redis | None = None
+        if batcher is None:
+            batcher = RedisBatcher(
+                connection_pool(url, timeout), timeout, min_replicas_ack=min_replicas_ack
+            )
+        self._batcher = batcher
         # (record, token) of begins that went unanswered -> releases Redis answered since.
         self._orphans: dict[tuple[str, str], int] = {}
         self._withdrawing: asyncio.Task[None] | None = None
 
     async def _call(self, script: _Script, key: str, *args: Any) -> Any:
         """Run a script by SHA; send its source only when Redis has not seen it."""
-        reply = await self._connection.call("EVALSHA", script.sha, 1, key, *args)
+        reply = await self._batcher.call("EVALSHA", script.sha, 1, key, *args)
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted or its script cache was flushed; EVALSHA did not run.
-            reply = await self._connection.call("EVAL", script.source, 1, key, *args)
-        if isinstance(reply, ReplyError):
-            raise StoreUnavailable(f"redis: {reply}", retry_after=1)
-        return reply
+            reply = await self._batcher.call("EVAL", script.source, 1, key, *args)
+        return _checked(reply)
+
+    async def _write(self, script: _Script, key: str, *args: Any) -> Any:
+        """`_call` for a write that must reach `min_replicas_ack` replicas to count."""
+        reply = await self._batcher.call_acknowledged("EVALSHA", script.sha, 1, key, *args)
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+            reply = await self._batcher.call_acknowledged("EVAL", script.source, 1, key, *args)
+        return _checked(reply)
 
     async def begin(
         self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
     ) -> Decision:
         token = new_token()
         try:
-            reply = await self._call(
+            reply = await self._write(
                 _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0
             )
         except Unanswered:
             # Redis may still run this begin when it reads it (a frozen or overloaded server
-            # works through its socket buffers when it resumes). Its record would be in flight
+            # works through its socket buffers when it resumes), or ran it but too few
+            # replicas acknowledged it (a failover would lose it). Its record would be in flight
             # under a token nobody holds: the retry our 503 invites would meet 409, then
             # "outcome unknown" for a request never forwarded. Withdraw it if it lands.
             self._orphans[(key, token)] = 0
@@ -255,12 +268,12 @@ class RedisStore:
                     self._orphans[orphan] += 1
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        return bool(await self._call(_RENEW, key, token, _ms(lease)))
+        return bool(await self._write(_RENEW, key, token, _ms(lease)))
 
     async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
         response = outcome.response
         return bool(
-            await self._call(
+            await self._write(
                 _COMPLETE, key, token, _ms(ttl), outcome.kind, response.status,
                 encode_headers(response.headers), response.body,
             )
@@ -270,9 +283,8 @@ class RedisStore:
         return bool(await self._call(_RELEASE, key, token))
 
     async def ping(self) -> None:
-        reply = await self._connection.call("PING")
-        if isinstance(reply, ReplyError):
-            raise StoreUnavailable(f"redis: {reply}", retry_after=1)
+        """Prove the store takes writes: a `PING` would pass on a demoted primary."""
+        _checked(await self._batcher.call_acknowledged("SET", READINESS_KEY, "1", "PX", 1000))
 
     async def inspect(self, key: str) -> RecordInfo | None:
         reply = await self._call(_INSPECT, key)
@@ -294,41 +306,36 @@ class RedisStore:
         )  # fmt: skip
 
     async def delete(self, key: str) -> bool:
-        reply = await self._connection.call("DEL", key)
-        if isinstance(reply, ReplyError):
-            raise StoreUnavailable(f"redis: {reply}", retry_after=1)
-        return bool(reply)
+        return bool(_checked(await self._batcher.call("DEL", key)))
 
     async def counts(self) -> dict[str, int]:
         counts = {"in_flight": 0, "done": 0}
-        if self._admin_client is None:
-            self._admin_client = aioredis.Redis.from_url(
-                self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout,
-                retry=Retry(NoBackoff(), 0),
+        cursor: Any = 0
+        while True:
+            cursor, keys = _checked(
+                await self._batcher.call("SCAN", cursor, "MATCH", STORAGE_PREFIX + "*",
+                                         "COUNT", 1000)
             )  # fmt: skip
-        client = self._admin_client
-        try:
-            async with asyncio.timeout(max(self._timeout, 5.0)):
-                keys = [k async for k in client.scan_iter(match=STORAGE_PREFIX + "*", count=1000)]
-                pipe = client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.hget(key, "st")
-                states = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {_describe(exc)}", retry_after=1) from exc
-        for state in states:
-            if state == b"f":
-                counts["in_flight"] += 1
-            elif state == b"d":
-                counts["done"] += 1
-        return counts
+            states = await asyncio.gather(*(self._batcher.call("HGET", k, "st") for k in keys))
+            for state in states:  # other keys (the readiness probe) answer WRONGTYPE
+                if state == b"f":
+                    counts["in_flight"] += 1
+                elif state == b"d":
+                    counts["done"] += 1
+            if int(cursor) == 0:
+                return counts
 
     async def close(self) -> None:
         if self._withdrawing is not None:
             self._withdrawing.cancel()
-        await self._connection.close()
-        if self._admin_client is not None:
-            await self._admin_client.aclose()
+        await self._batcher.close()
+
+
+def _checked(reply: Any) -> Any:
+    """The reply, or `StoreUnavailable` for an error reply."""
+    if isinstance(reply, ReplyError):
+        raise StoreUnavailable(f"redis: {reply}", retry_after=1)
+    return reply
 
 
 def _ms(seconds: float) -> int:
