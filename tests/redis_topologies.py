@@ -24,9 +24,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 import redis
@@ -235,14 +236,26 @@ def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
     return group
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_T = TypeVar("_T", bound=_Stoppable)
+
+
 @contextmanager
-def sentinel_group(replicas: int = 1) -> Iterator[SentinelGroup]:
+def _running(start: Callable[[Path], _T]) -> Iterator[_T]:
+    """Start a topology in a temporary directory; kill its processes at the end."""
     with tempfile.TemporaryDirectory() as directory:
-        group = start_sentinel_group(Path(directory), replicas)
+        topology = start(Path(directory))
         try:
-            yield group
+            yield topology
         finally:
-            group.stop()
+            topology.stop()
+
+
+def sentinel_group(replicas: int = 1) -> AbstractContextManager[SentinelGroup]:
+    return _running(lambda directory: start_sentinel_group(directory, replicas))
 
 
 @pytest.fixture(scope="session")
@@ -360,14 +373,8 @@ def start_cluster(directory: Path, replicas: int) -> ClusterNodes:
     return cluster
 
 
-@contextmanager
-def cluster(replicas: int) -> Iterator[ClusterNodes]:
-    with tempfile.TemporaryDirectory() as directory:
-        nodes = start_cluster(Path(directory), replicas)
-        try:
-            yield nodes
-        finally:
-            nodes.stop()
+def cluster(replicas: int) -> AbstractContextManager[ClusterNodes]:
+    return _running(lambda directory: start_cluster(directory, replicas))
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,24 @@ def node_id(port: int) -> str:
         return str(c.execute_command("CLUSTER MYID").decode())
 
 
+def placed(cluster: ClusterNodes, name: str) -> tuple[str, int, int, int]:
+    """A fresh record, its slot, the master serving it and another master."""
+    record = STORAGE_PREFIX + key(name)
+    slot = key_slot(record.encode())
+    source = cluster.owner(slot)
+    target = next(port for port in cluster.masters() if port != source)
+    return record, slot, source, target
+
+
+def move_slot(cluster: ClusterNodes, slot: int, source: int, target: int) -> None:
+    """Hand an empty slot over as a resharding does: the importing node claims it first
+    (raising its config epoch, so that gossip cannot hand it back), then everyone."""
+    set_slot([target], slot, "IMPORTING", node_id(source))
+    set_slot([source], slot, "MIGRATING", node_id(target))
+    others = [port for port in cluster.masters() if port not in (source, target)]
+    set_slot([target, source, *others], slot, "NODE", node_id(target))
+
+
 def set_slot(ports: list[int], slot: int, *args: str) -> None:
     for port in ports:
         with client(port) as c:
@@ -64,12 +82,9 @@ async def test_moved_slot_is_followed_and_counted(
     store: Store, shared_cluster: ClusterNodes
 ) -> None:
     """After a slot moved, the command goes to the new owner once; nothing ran twice."""
-    record = STORAGE_PREFIX + key("moved")
-    slot = key_slot(record.encode())
-    source = shared_cluster.owner(slot)
-    target = next(port for port in shared_cluster.masters() if port != source)
+    record, slot, source, target = placed(shared_cluster, "moved")
     before = redirects("moved")
-    set_slot(shared_cluster.masters(), slot, "NODE", node_id(target))
+    move_slot(shared_cluster, slot, source, target)
     try:
         decision = await store.begin(record, "fp", lease=5, ttl=30, takeover=False)
         assert isinstance(decision, Acquired)
@@ -82,17 +97,14 @@ async def test_moved_slot_is_followed_and_counted(
     finally:
         with client(target) as c:
             c.delete(record)
-        set_slot(shared_cluster.masters(), slot, "NODE", node_id(source))
+        move_slot(shared_cluster, slot, target, source)
 
 
 async def test_ask_during_migration_is_followed_with_asking(
     store: Store, shared_cluster: ClusterNodes
 ) -> None:
     """A key of a migrating slot is created on the importing node, after ASKING."""
-    record = STORAGE_PREFIX + key("ask")
-    slot = key_slot(record.encode())
-    source = shared_cluster.owner(slot)
-    target = next(port for port in shared_cluster.masters() if port != source)
+    record, slot, source, target = placed(shared_cluster, "ask")
     before = redirects("ask")
     set_slot([target], slot, "IMPORTING", node_id(source))
     set_slot([source], slot, "MIGRATING", node_id(target))
