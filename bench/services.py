@@ -333,15 +333,16 @@ def start_proxy(
     return server
 
 
-def start_redis(tmp: Path, cpus: str | None) -> Server:
-    """A redis-server of the run's own: no persistence, on a free port."""
+def start_redis(tmp: Path, cpus: str | None, *extra: str, name: str = "redis") -> Server:
+    """A redis-server of the run's own: no persistence, on a free port (`extra` arguments
+    such as `--replicaof 127.0.0.1 PORT` appended)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
     port = free_port()
-    directory = tmp / "redis"
+    directory = tmp / name
     directory.mkdir(exist_ok=True)
-    log = tmp / "redis.log"
+    log = tmp / f"{name}.log"
     argv = [
         binary,
         "--port",
@@ -356,9 +357,10 @@ def start_redis(tmp: Path, cpus: str | None) -> Server:
         str(directory),
         "--loglevel",
         "warning",
+        *extra,
     ]
     server = Server(
-        "redis",
+        name,
         port,
         _spawn("redis", pinned(cpus, argv), log),
         log,

@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from redis.asyncio.connection import Connection, SSLConnection, parse_url
 
@@ -83,8 +83,7 @@ def parse_topology(url: str) -> Topology:
     if len(db_path) > 1 or (db_path and not db_path[0].isdigit()):
         raise ValueError(f'expected a database number after the service name, got "{parts.path}"')
     # The same URL for one node: redis-py reads credentials, db and options from it.
-    single = f"{'rediss' if tls else 'redis'}://{userinfo + '@' if userinfo else ''}localhost"
-    options = parse_url(f"{single}/{db_path[0] if db_path else ''}?{parts.query}")
+    options = parse_url(_single(parts, userinfo, db_path, parts.query))
     options.pop("host", None)
     options.pop("port", None)
     options.pop("connection_class", None)
@@ -103,6 +102,26 @@ def parse_topology(url: str) -> Topology:
     if tls:
         shared["ssl"] = True
     return Topology("sentinel", nodes, tls, kwargs, service, shared)
+
+
+def node_url(url: str) -> str:
+    """The `redis[s]://` URL of one data node that `url` describes (its address a stand-in),
+    without the sentinels' own options: what a `redis://` URL's checks apply to."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    segments = [s for s in parts.path.split("/")[1:] if s]
+    db_path = segments[1:] if parts.scheme in SENTINEL_SCHEMES else segments
+    query = "&".join(
+        pair for pair in parts.query.split("&")
+        if pair and pair.partition("=")[0] not in _SENTINEL_AUTH
+    )  # fmt: skip
+    return _single(parts, userinfo, db_path, query)
+
+
+def _single(parts: SplitResult, userinfo: str, db_path: list[str], query: str) -> str:
+    scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
+    auth = userinfo + "@" if userinfo else ""
+    return f"{scheme}://{auth}localhost/{db_path[0] if db_path else ''}?{query}"
 
 
 def check_options(options: Mapping[str, Any], tls: bool) -> None:

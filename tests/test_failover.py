@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import ProxyFactory, Upstream, key
-from tests.redis_topologies import ClusterNodes, SentinelGroup
+from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
 
 KEYS = 300
 WORKERS = 8

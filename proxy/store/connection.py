@@ -188,7 +188,9 @@ class RedisBatcher:
             async with asyncio.timeout(self.timeout):
                 connection = await self._checkout()
                 sent = True  # from here on, Redis may run what was written
-                await connection.send_packed_command(batch.chunks, check_health=False)
+                # One bytes object: a list would be written chunk by chunk, a syscall each.
+                data = b"".join(batch.chunks)
+                await connection.send_packed_command(data, check_health=False)
                 answered, keep = await self._read_replies(connection, batch)
         except BaseException as exc:
             error = self._failure(exc, sent)
