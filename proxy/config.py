@@ -22,6 +22,7 @@ from redis.asyncio.connection import ConnectionPool, SSLConnection
 from redis.exceptions import RedisError
 
 from proxy.masking import mask_text, quote_url, redact_url, show_value
+from proxy.store_url import is_topology_url, node_url, parse_topology
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
@@ -178,10 +179,15 @@ def parse_upstream(value: object) -> str:
 
 def parse_store_url(value: object) -> str:
     text = str(value)
+    if is_topology_url(text):
+        parse_topology(text)  # a bad host list, service or db is refused here
+        check_redis_url(node_url(text))  # and every option, as for a redis:// URL
+        return text
     scheme = urlsplit(text).scheme
     if scheme not in ("memory", "redis", "rediss", "unix"):
         raise ValueError(
-            f"expected memory://, redis://, rediss:// or unix://, got {quote_url(text)}"
+            "expected memory://, redis://, rediss://, unix://, redis+sentinel:// or "
+            f"redis+cluster:// (or a rediss+ form), got {quote_url(text)}"
         )
     if scheme != "memory":
         check_redis_url(text)

@@ -69,6 +69,13 @@ STORE_ERRORS = Counter(
     "Store operations that failed or timed out, by operation.",
     ["operation"],
 )
+STORE_REDIRECTS = Counter(
+    f"{PREFIX}_store_redirects_total",
+    "Cluster redirects followed (the command had not run), by kind (moved, ask).",
+    ["kind"],
+)
+for _kind in ("moved", "ask"):
+    STORE_REDIRECTS.labels(_kind)  # exported as 0 from the first scrape
 IN_FLIGHT = Gauge(
     f"{PREFIX}_in_flight_records",
     "Records this proxy currently holds in flight (upstream exchanges under way).",

@@ -28,6 +28,9 @@ from aiohttp import web
 from proxy.config import Config, parse_config
 from proxy.server import Running, serve
 
+# Sentinel groups and Clusters, for the tests that need a Redis topology.
+pytest_plugins = ["tests.sentinel_and_cluster"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.routing", "proxy.upstream", "proxy.store"),
     ("proxy.keys",),
     ("proxy.config", "proxy.errors", "proxy.metrics", "proxy.logs", "proxy.tasks"),
-    ("proxy.outcomes", "proxy.masking"),
+    ("proxy.outcomes", "proxy.masking", "proxy.store_url"),
     ("proxy",),
 )
 

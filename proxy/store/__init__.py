@@ -9,6 +9,8 @@ from proxy import metrics
 from proxy.config import StoreConfig
 from proxy.errors import StoreError
 from proxy.store.base import Decision, Outcome, RecordInfo, Store
+from proxy.store.topology import open_batcher
+from proxy.store_url import is_topology_url
 
 __all__ = ["MeasuredStore", "Store", "open_store"]
 
@@ -21,6 +23,9 @@ def open_store(config: StoreConfig) -> Store:
         return MemoryStore(max_records=config.max_records, max_bytes=config.max_bytes)
     from proxy.store.redis import RedisStore
 
+    if is_topology_url(config.url):  # Sentinel or Cluster: the same store on their batchers
+        batcher = open_batcher(config.url, config.timeout, min_replicas_ack=config.min_replicas_ack)
+        return RedisStore(timeout=config.timeout, batcher=batcher)
     return RedisStore(config.url, timeout=config.timeout, min_replicas_ack=config.min_replicas_ack)
 
 

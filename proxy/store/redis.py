@@ -42,6 +42,7 @@ from proxy.store.connection import (
     Unanswered,
     connection_pool,
 )
+from proxy.store.topology import Batcher, ClusterBatcher
 from proxy.tasks import spawn
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
@@ -199,7 +200,7 @@ class RedisStore:
 
     def __init__(
         self, url: str = "", *, timeout: float = 0.5, min_replicas_ack: int = 0,
-        batcher: RedisBatcher | None = None,
+        batcher: Batcher | None = None,
     ) -> None:  # fmt: skip
         self._timeout = timeout
         if batcher is None:
@@ -295,7 +296,13 @@ class RedisStore:
 
     async def ping(self) -> None:
         """Prove the store takes writes: a `PING` would pass on a demoted primary."""
-        _checked(await self._batcher.call_acknowledged("SET", READINESS_KEY, "1", "PX", 1000))
+        keys = [READINESS_KEY]
+        if isinstance(self._batcher, ClusterBatcher):  # every master must take writes
+            keys = await self._batcher.keys_per_master(READINESS_KEY)
+        for reply in await asyncio.gather(
+            *(self._batcher.call_acknowledged("SET", key, "1", "PX", 1000) for key in keys)
+        ):
+            _checked(reply)
 
     async def inspect(self, key: str) -> RecordInfo | None:
         reply = await self._call(_INSPECT, key)
@@ -321,25 +328,34 @@ class RedisStore:
 
     async def counts(self) -> dict[str, int]:
         counts = {"in_flight": 0, "done": 0}
-        cursor: Any = 0
-        while True:
-            cursor, keys = _checked(
-                await self._batcher.call("SCAN", cursor, "MATCH", STORAGE_PREFIX + "*",
-                                         "COUNT", 1000)
-            )  # fmt: skip
-            states = await asyncio.gather(*(self._batcher.call("HGET", k, "st") for k in keys))
-            for state in states:  # other keys (the readiness probe) answer WRONGTYPE
-                if state == b"f":
-                    counts["in_flight"] += 1
-                elif state == b"d":
-                    counts["done"] += 1
-            if int(cursor) == 0:
-                return counts
+        nodes: list[Batcher] = [self._batcher]
+        if isinstance(self._batcher, ClusterBatcher):  # each master holds its own slots
+            nodes = list(await self._batcher.masters())
+        for node in nodes:
+            await _count(node, counts)
+        return counts
 
     async def close(self) -> None:
         if self._withdrawing is not None:
             self._withdrawing.cancel()
         await self._batcher.close()
+
+
+async def _count(node: Batcher, counts: dict[str, int]) -> None:
+    """Add the records of one node, by state."""
+    cursor: Any = 0
+    while True:
+        cursor, keys = _checked(
+            await node.call("SCAN", cursor, "MATCH", STORAGE_PREFIX + "*", "COUNT", 1000)
+        )
+        states = await asyncio.gather(*(node.call("HGET", k, "st") for k in keys))
+        for state in states:  # other keys (the readiness probe) answer WRONGTYPE
+            if state == b"f":
+                counts["in_flight"] += 1
+            elif state == b"d":
+                counts["done"] += 1
+        if int(cursor) == 0:
+            return
 
 
 def _checked(reply: Any) -> Any:

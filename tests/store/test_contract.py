@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from proxy.config import StoreConfig
 from proxy.keys import STORAGE_PREFIX
+from proxy.store import open_store
 from proxy.store.base import (
     UNKNOWN_OUTCOME,
     Acquired,
@@ -26,6 +28,7 @@ from proxy.store.base import (
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.conftest import RedisServer, key
+from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
 
 TTL = 30.0
 LEASE = 5.0
@@ -41,14 +44,20 @@ def record_key(name: str) -> str:
     return STORAGE_PREFIX + key(name)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     backend: Store
     if request.param == "memory":
         backend = MemoryStore()
-    else:
+    elif request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis")
         backend = RedisStore(server.url, timeout=2.0)
+    else:  # the same store class behind a Sentinel group or over a Cluster
+        topology: SentinelGroup | ClusterNodes = request.getfixturevalue(
+            "shared_sentinel_group" if request.param == "sentinel" else "shared_cluster"
+        )
+        topology.flush()
+        backend = open_store(StoreConfig(url=topology.url, timeout=2.0))
     yield backend
     await backend.close()
 
