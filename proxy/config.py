@@ -15,14 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import yaml
-from redis.asyncio.connection import ConnectionPool, SSLConnection
-from redis.exceptions import RedisError
 
 from proxy.masking import mask_text, quote_url, redact_url, show_value
-from proxy.store_url import is_topology_url, node_url, parse_topology
+from proxy.store_url import check_redis_url, is_topology_url, node_url, parse_topology
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
@@ -192,85 +190,6 @@ def parse_store_url(value: object) -> str:
     if scheme != "memory":
         check_redis_url(text)
     return text
-
-
-# Query options of a Redis store URL, passed to redis-py exactly as it parses them.
-REDIS_URL_OPTIONS = frozenset({
-    "db", "username", "password", "protocol", "client_name", "lib_name", "lib_version",
-    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
-    "max_connections", "retry_on_timeout",
-})  # fmt: skip
-REDIS_TLS_OPTIONS = frozenset({
-    "ssl_keyfile", "ssl_certfile", "ssl_password", "ssl_cert_reqs", "ssl_ca_certs",
-    "ssl_ca_data", "ssl_ca_path", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
-    "ssl_include_verify_flags", "ssl_exclude_verify_flags",
-})  # fmt: skip
-# Options redis-py would accept that the store refuses, and why.
-_REFUSED_REDIS_OPTIONS = {
-    "decode_responses": "the store reads replies as bytes",
-    "encoding": "the store encodes its own values",
-    "encoding_errors": "the store encodes its own values",
-    "retry_on_error": "the proxy never re-sends a store command",
-    "timeout": "use store.timeout",
-    "socket_keepalive_options": "not expressible in a URL; keepalive timing is redis-py's",
-}
-
-
-def check_redis_url(url: str) -> None:
-    """Refuse a Redis URL option the store would not honour exactly as redis-py does.
-
-    Every option is checked by name, then redis-py parses the URL and builds (without
-    connecting) the connection it describes, TLS context included, so a bad value or a
-    missing certificate file is reported now rather than on the first request.
-    """
-    parts = urlsplit(url)
-    names = [pair.partition("=")[0] for pair in parts.query.split("&") if pair]
-    for name in names:
-        if name in _REFUSED_REDIS_OPTIONS:
-            raise ValueError(f"option {name} is not supported: {_REFUSED_REDIS_OPTIONS[name]}")
-        if name in REDIS_TLS_OPTIONS and parts.scheme != "rediss":
-            raise ValueError(f"option {name} needs a rediss:// URL")
-        if name not in REDIS_URL_OPTIONS | REDIS_TLS_OPTIONS:
-            raise ValueError(f"option {name} is not a known Redis URL option")
-    values = dict(parse_qsl(parts.query))
-    for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
-        if name in values and not os.path.isfile(values[name]):
-            raise ValueError(f"option {name}: no such file: {values[name]}")
-    if parts.scheme == "unix" and "socket_keepalive" in names:
-        raise ValueError("option socket_keepalive applies to TCP only, not unix://")
-    try:
-        pool = ConnectionPool.from_url(url)
-        if pool.connection_kwargs.get("retry_on_timeout"):
-            raise ValueError("option retry_on_timeout: the proxy never re-sends a store command")
-        connection = pool.make_connection()  # type: ignore[no-untyped-call]
-        if isinstance(connection, SSLConnection):
-            connection.ssl_context.get()
-    except (ValueError, TypeError, RedisError, OSError) as exc:
-        raise ValueError(f"{_option_named(exc, parts.query, names)}{exc}") from None
-
-
-# Words of redis-py's and the ssl module's messages -> the option they are about.
-_MESSAGE_OPTIONS = {
-    "Certificate Requirements": "ssl_cert_reqs",
-    "TLS/SSL version": "ssl_min_version",
-    "cipher": "ssl_ciphers",
-    "PEM": "ssl_certfile",
-}
-
-
-def _option_named(exc: Exception, query: str, names: list[str]) -> str:
-    """`option NAME: ` for the option an error is about, when that can be told."""
-    message = str(exc)
-    if message.startswith("option "):
-        return ""
-    filename = getattr(exc, "filename", None)
-    for name in names:
-        if name in message or (filename and f"{name}={filename}" in unquote(query)):
-            return f"option {name}: "
-    for words, name in _MESSAGE_OPTIONS.items():
-        if words in message and name in names:
-            return f"option {name}: "
-    return ""
 
 
 def _choice(*allowed: str) -> Callable[[object], str]:

@@ -246,6 +246,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )  # fmt: skip
 
 
+@pytest.mark.timeout(90)  # six command-line starts: slow on a loaded 2-core machine
 def test_check_config_and_run_never_print_a_secret(tmp_path: Path) -> None:
     """Refused URLs, the store URL variable and YAML errors reach the terminal masked."""
     refused = tmp_path / "refused.yaml"
