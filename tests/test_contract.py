@@ -146,7 +146,7 @@ def test_markdown_lists_every_route_its_facts_and_its_problems(
     first, second = sections[0], sections[1]
     assert "missing-key" in first and "missing-key" not in second  # require_key only
     assert "store-unavailable" not in out  # fail_mode: open forwards instead
-    assert "| Expiry (ttl) | 2d:" in first and "| Expiry (ttl) | 1d:" in second
+    assert "| Expiry (ttl) | 48h:" in first and "| Expiry (ttl) | 24h:" in second
 
 
 def test_openapi_format_is_a_valid_31_document_with_reusable_parts(

@@ -52,11 +52,17 @@ PROBLEM_SCHEMA = "IdempotencyProblem"
 # --- what a client must know about a route ---------------------------------------------
 
 
+# (unit, its seconds, the least value written in it): days from a week on, so that a
+# `48h` ttl reads as it was written.
+_DURATION_UNITS = (("d", 86400.0, 7 * 86400.0), ("h", 3600.0, 3600.0), ("m", 60.0, 60.0),
+                   ("s", 1.0, 1.0))  # fmt: skip
+
+
 def duration(seconds: float) -> str:
     """`86400.0` -> `24h`, `0.5` -> `500ms`: the way the config file writes it."""
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and (seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
+    for unit, length, least in _DURATION_UNITS:
+        if seconds >= least and (seconds / length).is_integer():
+            return f"{int(seconds / length)}{unit}"
     return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
 
 
