@@ -291,6 +291,16 @@ def test_merge_into_a_31_json_document_touches_only_protected_operations(
     assert "components/responses/IdempotencyKeyMismatch exists and differs" in err
 
 
+def test_merge_with_nothing_protected_writes_the_document_back_unchanged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No route protects any operation: the same document, not even a component added."""
+    source = DATA / "orders-3.1.json"
+    text, err = merge_file(tmp_path, capsys, [{"path": "/*", "methods": ["PUT"]}], source)
+    assert same_text(json.loads(text), json.loads(source.read_text()))
+    assert "0 operation(s) protected: none" in err
+
+
 def test_merge_refuses_what_is_not_openapi_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

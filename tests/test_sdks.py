@@ -33,7 +33,7 @@ from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from proxy.config import parse_config
 from proxy.server import Running, serve
-from tests.conftest import free_port, raw_config
+from tests.conftest import raw_config, serve_app
 from tests.test_observability import scrape, value
 
 # The SDK's own timeout: the held first attempt always outlasts it. A waiting retry must get
@@ -85,17 +85,10 @@ async def _fake_handler(request: web.Request) -> web.Response:
 @pytest.fixture
 async def fake_api() -> AsyncIterator[FakeApi]:
     fake = FakeApi()
-    app = web.Application()
-    app[FAKE] = fake
-    app.router.add_route("*", "/{tail:.*}", _fake_handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    fake.release.set()
-    await runner.cleanup()
+    async with serve_app(_fake_handler, FAKE, fake) as url:
+        fake.url = url
+        yield fake
+        fake.release.set()  # a held attempt must not outlive the test
 
 
 # --- the SDKs ----------------------------------------------------------------------------

@@ -92,10 +92,11 @@ def key_format(route: RoutePolicy) -> str:
 
 
 def _expiry(route: RoutePolicy) -> str:
-    return (
-        f"{duration(route.ttl)}: a retry within it replays the first answer; after it, the "
-        "key is forgotten and the same key executes again"
-    )
+    return f"{duration(route.ttl)}: a retry within it gets the first answer replayed"
+
+
+def _after_expiry(route: RoutePolicy) -> str:
+    return "the key is forgotten: a request with it executes as a new one"
 
 
 def _scope(route: RoutePolicy) -> str:
@@ -156,6 +157,7 @@ FACTS: tuple[Fact, ...] = (
     ("Key", _key),
     ("Key format", key_format),
     ("Expiry (ttl)", _expiry),
+    ("After the expiry", _after_expiry),
     ("Key scope", _scope),
     ("Concurrent retry", _concurrency),
     ("Replay", _replay),

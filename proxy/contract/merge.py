@@ -55,16 +55,20 @@ def merge(document: dict[str, Any], config: Config) -> Merged:
     paths = merged.document.get("paths") or {}
     if not isinstance(paths, dict):
         raise MergeError("`paths` is not a mapping")
-    sections = merged.document.setdefault("components", {})
-    schema = _free_name(sections, "schemas", PROBLEM_SCHEMA, problem_schema(), merged.notes)
-    components = Components(config, schema)
-    wanted: list[tuple[dict[str, Any], dict[str, Any], str, Protection]] = []
+    found = []
     for path, item, method, operation in _operations(paths):
         where = f"{method.upper()} {path}"
         prefix = _base_path(merged.document, item, operation)
         routes = _routes_for(config.routes, prefix + path, method, where, merged.notes)
         if routes:
-            wanted.append((item, operation, where, components.protect(routes)))
+            found.append((item, operation, where, routes))
+    if not found:
+        return merged  # nothing protected: not even components are added
+    sections = merged.document.setdefault("components", {})
+    schema = _free_name(sections, "schemas", PROBLEM_SCHEMA, problem_schema(), merged.notes)
+    components = Components(config, schema)
+    wanted = [(item, operation, where, components.protect(routes))
+              for item, operation, where, routes in found]  # fmt: skip
     names = _place_components(sections, components, merged.notes)
     for item, operation, where, protection in wanted:
         _protect(merged.document, item, operation, where, protection, names, merged.notes)
