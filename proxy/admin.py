@@ -41,6 +41,8 @@ from multidict import CIMultiDict
 from proxy import logs, metrics
 from proxy.app import PROXY, STORE
 from proxy.config import Config
+from proxy.contract.describe import to_markdown, to_openapi
+from proxy.contract.documents import dump_document
 from proxy.errors import InvalidKey, ProxyError, StoreError
 from proxy.exchange import render_problems
 from proxy.keys import RecordKey, parse_key, scope_of, storage_key
@@ -53,6 +55,14 @@ CONFIG_PATH = web.AppKey("config_path", str)
 ADMIN_PREFIX = "/admin/"
 OPEN_PATHS = frozenset({"/admin/openapi.yaml"})
 OPENAPI_CONTENT_TYPE = "application/yaml"
+# What `GET /admin/contract` offers, in the order it prefers on a tie; the value says how.
+CONTRACT_TYPES = {
+    "text/markdown": "markdown",
+    "application/json": "json",
+    "application/vnd.oai.openapi+json": "json",
+    "application/yaml": "yaml",
+    "application/vnd.oai.openapi": "yaml",
+}
 _RECORD_HASH = re.compile(r"^[0-9a-f]{40}\Z")
 _MAX_LOOKUP_BODY = 64 * 1024
 
@@ -132,6 +142,7 @@ def create_admin_app(proxy_app: web.Application, config_path: str | None = None)
     app.router.add_get("/readyz", readyz, allow_head=False)
     app.router.add_get("/metrics", scrape, allow_head=False)
     app.router.add_get("/admin/openapi.yaml", openapi, allow_head=False)
+    app.router.add_get("/admin/contract", contract, allow_head=False)
     app.router.add_get("/admin/records", counts, allow_head=False)
     app.router.add_post("/admin/records/lookup", lookup)
     app.router.add_get("/admin/records/{record}", inspect, allow_head=False)
@@ -221,6 +232,50 @@ def openapi_document() -> bytes:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=openapi_document(), headers={"Content-Type": OPENAPI_CONTENT_TYPE})
+
+
+# --- the contract ----------------------------------------------------------------------
+
+
+def negotiate(accept: str | None, offered: list[str]) -> str:
+    """The offered media type an `Accept` header prefers (RFC 9110 12.5.1), else the first.
+
+    Each type takes the weight of the most specific range that matches it; a tie goes to
+    the earlier offer. A header that accepts none of them gets the first too: the contract
+    is documentation, better shown in its default form than refused with 406.
+    """
+    ranges: list[tuple[str, float]] = []
+    for part in (accept or "*/*").split(","):
+        media, *params = (field.strip() for field in part.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, number = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(number)
+                except ValueError:
+                    weight = 0.0
+        ranges.append((media.lower(), weight))
+    best, best_weight = offered[0], 0.0
+    for media in offered:
+        kinds = (media, media.split("/")[0] + "/*", "*/*")  # most specific first
+        matches = [(kinds.index(r), w) for r, w in ranges if r in kinds]
+        weight = min(matches)[1] if matches else 0.0
+        if weight > best_weight:
+            best, best_weight = media, weight
+    return best
+
+
+async def contract(request: web.Request) -> web.Response:
+    """What each route asks of its clients: markdown, or OpenAPI as JSON or YAML by Accept."""
+    config = _config(request)
+    media = negotiate(request.headers.get("Accept"), list(CONTRACT_TYPES))
+    form = CONTRACT_TYPES[media]
+    if form == "markdown":
+        text = to_markdown(config)
+    else:
+        text = dump_document(to_openapi(config), "json" if form == "json" else "yaml")
+    return web.Response(text=text, content_type=media, charset="utf-8")
 
 
 # --- records ---------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class RoutePolicy:
     require_key: bool = False
     ttl: float = 24 * 3600.0
     lease: float = 10.0
-    on_concurrent: OnConcurrent = "reject"
+    on_concurrent: OnConcurrent = "wait"
     wait_timeout: float = 10.0
     on_unknown_outcome: OnUnknownOutcome = "reject"
     scope_headers: tuple[str, ...] = ("Authorization",)

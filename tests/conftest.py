@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,20 +105,32 @@ async def _upstream_handler(request: web.Request) -> web.StreamResponse:
     )  # fmt: skip
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    state = Upstream()
+@asynccontextmanager
+async def serve_app(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], key: web.AppKey[Any],
+    state: Any,
+) -> AsyncIterator[str]:  # fmt: skip
+    """Serve `handler` for every method and path on a free loopback port, with `state` under
+    `key` in the app, for the block; yields its URL."""
     app = web.Application()
-    app[UPSTREAM_STATE] = state
-    app.router.add_route("*", "/{tail:.*}", _upstream_handler)
+    app[key] = state
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    state = Upstream()
+    async with serve_app(_upstream_handler, UPSTREAM_STATE, state) as url:
+        state.url = url
+        yield state
 
 
 # --- redis-server ---------------------------------------------------------------------

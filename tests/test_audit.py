@@ -101,7 +101,8 @@ async def test_audit_finds_duplicates_straight_at_the_api(legacy: Legacy) -> Non
 
 async def test_audit_finds_none_through_the_proxy(legacy: Legacy) -> None:
     """Through the proxy the same audit sees no duplicate execution and passes."""
-    async with serve(make_config(legacy.url)) as proxy:
+    # reject, so that the concurrent probe meets the 409s it is built to judge
+    async with serve(make_config(legacy.url, defaults={"on_concurrent": "reject"})) as proxy:
         out = io.StringIO()
         report = await run_audit(options(proxy.url + "/v1/charges"), out)
 

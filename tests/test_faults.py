@@ -113,7 +113,11 @@ def redis_config(redis: RedisServer, mode: str) -> dict[str, Any]:
     """Config overrides shared by the doomed proxy and its successors on one Redis."""
     return {
         "store": {"url": redis.url},
-        "defaults": {"lease": f"{int(LEASE * 1000)}ms", "on_unknown_outcome": mode},
+        "defaults": {
+            "lease": f"{int(LEASE * 1000)}ms",
+            "on_unknown_outcome": mode,
+            "on_concurrent": "reject",  # these tests watch for the 409 while the lease runs
+        },
     }
 
 

@@ -83,8 +83,8 @@ async def test_key_header_and_forwarding_headers_reach_the_upstream(
 async def test_concurrent_duplicates_execute_once_and_the_rest_conflict(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession, store_url: str
 ) -> None:
-    """20 simultaneous duplicates against a slow upstream: one execution, 19 x 409."""
-    proxy = await start_proxy(store={"url": store_url})
+    """20 simultaneous duplicates against a slow upstream: one execution, 19 x 409 (reject)."""
+    proxy = await start_proxy(store={"url": store_url}, defaults={"on_concurrent": "reject"})
     k = key("dup")
     results = await asyncio.gather(
         *(post(client, proxy, "/delay/0.5/pay", b"{}", k) for _ in range(20))
@@ -102,8 +102,9 @@ async def test_concurrent_duplicates_execute_once_and_the_rest_conflict(
 async def test_concurrent_duplicates_wait_and_get_the_same_response(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession, store_url: str
 ) -> None:
-    """With on_concurrent: wait, all 20 duplicates get the first response; one execution."""
-    proxy = await start_proxy(store={"url": store_url}, defaults={"on_concurrent": "wait"})
+    """With on_concurrent: wait (the default: not set here), all 20 duplicates get the first
+    response; one execution."""
+    proxy = await start_proxy(store={"url": store_url})
     k = key("wait")
     results = await asyncio.gather(
         *(post(client, proxy, "/delay/0.3/pay", b"{}", k) for _ in range(20))
@@ -335,7 +336,9 @@ async def test_slow_upstream_keeps_its_lock_across_lease_periods(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession, store_url: str
 ) -> None:
     """Lease renewal: a retry during a 4-lease-long exchange conflicts, never re-executes."""
-    proxy = await start_proxy(store={"url": store_url}, defaults={"lease": "150ms"})
+    proxy = await start_proxy(
+        store={"url": store_url}, defaults={"lease": "150ms", "on_concurrent": "reject"}
+    )
     k = key("renew")
     first = asyncio.ensure_future(post(client, proxy, "/delay/0.6/pay", b"{}", k))
     await asyncio.sleep(0.45)

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.app", "proxy.reload"),
     ("proxy.flow",),
     ("proxy.owner", "proxy.exchange", "proxy.bodies"),
-    ("proxy.leases", "proxy.targets"),
+    ("proxy.leases", "proxy.targets", "proxy.contract"),
     ("proxy.routing", "proxy.upstream", "proxy.store"),
     ("proxy.keys",),
     ("proxy.config", "proxy.errors", "proxy.metrics", "proxy.logs", "proxy.tasks"),

@@ -75,7 +75,8 @@ async def test_metrics_count_every_outcome_of_a_scripted_sequence(
     tag = os.urandom(3).hex()  # the registry is process-wide: route ids keep this test's own
     strict, loose = f"strict-{tag}", f"loose-{tag}"
     proxy = await start_proxy(routes=[
-        {"path": "/loose/*", "id": loose}, {"path": "/*", "id": strict, "require_key": True},
+        {"path": "/loose/*", "id": loose},
+        {"path": "/*", "id": strict, "require_key": True, "on_concurrent": "reject"},
     ])  # fmt: skip
     before = await scrape(client, proxy.admin_url)
 

@@ -8,9 +8,9 @@ short timeout and retry with the same Idempotency-Key, back off and retry on 409
 send one payment from several clients at once (a double click, two workers on one job).
 The counts of charges come from the API's own books, not from what the clients believe.
 
-The proxy runs with `on_concurrent: reject`, its default, so the demo shows what an
-unconfigured proxy does: a retry that races a first attempt still running gets 409 and
-tries again shortly after, until it gets the first attempt's answer replayed.
+The proxy runs with `on_concurrent: reject` (the default is `wait`), so the demo shows the
+409s a client that retries must handle: a retry that races a first attempt still running
+gets 409 and tries again shortly after, until it gets the first attempt's answer replayed.
 """
 
 from __future__ import annotations
