@@ -97,7 +97,9 @@ class Proxy:
         record = storage_key(self.config.store.namespace, scope, key)
         ex.record = record.hash
         path, _, query = target.partition("?")
-        fingerprint = fingerprint_request(request.method, path, query, body)
+        fingerprint = fingerprint_request(request.method, path, query, body,
+                                          request.headers.get("Content-Type", ""),
+                                          route.fingerprint)  # fmt: skip
         try:
             decision = await self.decide(record, fingerprint, route, ex)
         except StoreError as exc:
