@@ -97,7 +97,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _exact_float(text: str) -> float:
     """A JSON number with a fraction or exponent, refused when a double cannot hold it."""
     value = float(text)
-    if Decimal(repr(value)) != Decimal(text):
+    if repr(value) != text and Decimal(repr(value)) != Decimal(text):  # the first is cheap
         raise _NotCanonical("number not exactly representable")
     return value
 

@@ -5,13 +5,12 @@ The behaviour tests run a real proxy in front of the counting upstream, on both 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy.cli import main
 from proxy.config import ConfigError, FingerprintPolicy, parse_config, parse_pointer
 from proxy.errors import PROBLEM_TYPE_PREFIX
 from proxy.fingerprints import canonical_json, form_pairs, is_json
@@ -215,14 +214,14 @@ def test_fingerprint_problems_name_the_field(fields: dict[str, object], problem:
     assert any(p.startswith(problem) for p in config_problems(**fields)), problem
 
 
-def test_check_config_refuses_ignore_without_canonical(tmp_path: Path) -> None:
+def test_check_config_refuses_ignore_without_canonical(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`check-config` says that `ignore` needs `canonical`, naming the route's field."""
     config = tmp_path / "proxy.yaml"
     config.write_text("routes:\n  - path: /v1/*\n    fingerprint: {ignore: [/timestamp]}\n")
-    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
-    assert result.returncode == 1
-    assert "routes[0].fingerprint.ignore: needs body: canonical" in result.stderr
+    assert main(["check-config", str(config)]) == 1
+    assert "routes[0].fingerprint.ignore: needs body: canonical" in capsys.readouterr().err
 
 
 # --- through the proxy ------------------------------------------------------------------

@@ -15,8 +15,10 @@ from proxy.config import ConfigError, parse_config
 from proxy.errors import PROBLEM_TYPE_PREFIX
 from proxy.outcomes import RequestOutcome
 from proxy.server import Running
+from proxy.store.base import Acquired, Expired, Outcome, StoredResponse
+from proxy.store.redis import RedisStore
 from tests import test_flow
-from tests.conftest import ProxyFactory, Upstream, key, raw_config
+from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
 from tests.test_flow import post, problem
 
 store_url = test_flow.store_url  # memory and Redis, as the behaviour table's tests
@@ -110,3 +112,26 @@ def test_tombstone_ttl_is_inherited_and_can_be_turned_off_per_route() -> None:
     bad = raw_config("http://up:9000", routes=[{"path": "/*", "tombstone_ttl": "forever"}])
     with pytest.raises(ConfigError, match=r"routes\[0\]\.tombstone_ttl: expected a duration"):
         parse_config(bad, env={})
+
+
+async def test_a_redis_tombstone_keeps_no_body_and_is_stored_compactly(redis: RedisServer) -> None:
+    """On Redis, the retry that finds a tombstone rewrites the record without headers and body,
+    in Redis's compact encoding, and keeps its expiry."""
+    store = RedisStore(redis.url, timeout=2.0)
+    record = "idp:" + key("compact")
+    body = b"x" * 4096
+    try:
+        lock = await store.begin(record, "fp", lease=1, ttl=0.2, takeover=False)
+        assert isinstance(lock, Acquired)
+        outcome = Outcome("response", StoredResponse(201, (("A", "b"),), body))
+        assert await store.complete(record, lock.token, outcome, ttl=0.2, tombstone=60)
+        assert int(redis.command("MEMORY", "USAGE", record)[1:]) > len(body)
+        await asyncio.sleep(0.3)
+        decision = await store.begin(record, "fp", lease=1, ttl=0.2, takeover=False, tombstone=60)
+        assert decision == Expired("response", 201)
+        assert redis.command("HEXISTS", record, "body") == b":0\r\n"
+        assert b"listpack" in redis.command("OBJECT", "ENCODING", record)
+        assert int(redis.command("MEMORY", "USAGE", record)[1:]) < 300
+        assert 58_000 < int(redis.command("PTTL", record)[1:]) <= 60_000
+    finally:
+        await store.close()

@@ -12,6 +12,7 @@ The clock is injectable so leases and TTLs are tested without sleeping.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from proxy.store.base import (
     InProgress,
     Mismatch,
     Outcome,
+    OutcomeKind,
     RecordInfo,
     Replay,
     StoredResponse,
@@ -44,6 +46,12 @@ class _Record:
     outcome: Outcome | None = None
     size: int = _RECORD_OVERHEAD
     response_until: float = math.inf  # past it, only a tombstone is left (until expires_at)
+
+
+@functools.cache
+def _tombstone(kind: OutcomeKind, status: int) -> Outcome:
+    """The outcome a tombstone keeps; one shared object per kind and status."""
+    return Outcome(kind, StoredResponse(status, (), b""))
 
 
 def _freeable_at(record: _Record) -> float:
@@ -86,8 +94,7 @@ class MemoryStore:
         """Drop the headers and body of a record whose response expired; keep its outcome's
         kind and status (the tombstone)."""
         if record.outcome is not None and record.size > _RECORD_OVERHEAD:
-            response = StoredResponse(record.outcome.response.status, (), b"")
-            record.outcome = Outcome(record.outcome.kind, response)
+            record.outcome = _tombstone(record.outcome.kind, record.outcome.response.status)
             self._bytes += _RECORD_OVERHEAD - record.size
             record.size = _RECORD_OVERHEAD
 

@@ -51,8 +51,8 @@ from proxy.tasks import spawn
 #
 # Tombstones: Redis (before 7.4) cannot expire part of a hash, so a done record with a
 # tombstone is kept (PEXPIRE) for ttl + tombstone, and `until` marks the end of its
-# response. A begin past `until` treats the record as a tombstone and deletes its headers
-# and body (HDEL) on the way; a record nobody asks for again keeps them until it expires.
+# response. A begin past `until` treats the record as a tombstone and drops its headers and
+# body on the way (`bury`); a record nobody asks for again keeps them until it expires.
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -69,11 +69,25 @@ local function keep_for_lease(lease)
 end
 """
 
-# Keep a done record `ARGV[tomb]` ms past the end of its response, which `until` marks.
+# Keep a done record `tomb` ms past the end of its response, which `until` marks.
 _KEEP_TOMBSTONE = """
 local function keep_tombstone(ends, tomb)
   redis.call('HSET', KEYS[1], 'until', ends)
   redis.call('PEXPIRE', KEYS[1], ends - now + tomb)
+end
+"""
+
+# Turn a done record whose response expired into its tombstone: the same hash without
+# headers and body, written anew so that Redis stores it compactly again (a hash that once
+# held a large body keeps its large encoding after HDEL: 528 bytes instead of about 150).
+_BURY = """
+local function bury(fp, kind, status, tok, ends)
+  local left = redis.call('PTTL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'st', 'd', 'fp', fp, 'kind', kind, 'status', status,
+             'until', ends)
+  if tok then redis.call('HSET', KEYS[1], 'tok', tok) end
+  redis.call('PEXPIRE', KEYS[1], left)
 end
 """
 
@@ -84,6 +98,7 @@ BEGIN = (
     _NOW
     + _KEEP_FOR_LEASE
     + _KEEP_TOMBSTONE
+    + _BURY
     + """
 local rec = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp', 'until')
 if not rec[1] then
@@ -94,8 +109,8 @@ end
 if rec[2] ~= ARGV[1] then return {5} end
 if rec[1] == 'd' then
   if rec[4] and now >= tonumber(rec[4]) then
-    local r = redis.call('HMGET', KEYS[1], 'kind', 'status')
-    redis.call('HDEL', KEYS[1], 'hdrs', 'body')
+    local r = redis.call('HMGET', KEYS[1], 'kind', 'status', 'tok', 'body')
+    if r[4] then bury(rec[2], r[1], r[2], r[3], rec[4]) end
     return {6, r[1], r[2]}
   end
   local r = redis.call('HMGET', KEYS[1], 'kind', 'status', 'hdrs', 'body')
