@@ -45,7 +45,7 @@ def body_of(size: int) -> bytes:
                              "timestamp": "2025-01-31T12:00:00Z",
                              "metadata": {"nonce": "5f1c9a", "channel": "web", "attempt": 1},
                              "items": []}  # fmt: skip
-    while len(json.dumps(order)) < size - 200:
+    while len(json.dumps(order)) < size:
         order["items"].append(item(len(order["items"])))
     return json.dumps(order).encode()
 
