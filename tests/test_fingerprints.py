@@ -235,6 +235,18 @@ async def send(client: aiohttp.ClientSession, proxy: Running, body: bytes, idem:
     return status, headers.get("Idempotent-Replayed") == "true", content
 
 
+async def replays_then_refuses(
+    client: aiohttp.ClientSession, proxy: Running, upstream: Upstream, bodies: list[bytes],
+    content_type: str = JSON,
+) -> None:  # fmt: skip
+    """The first body executes, the second replays it, the third is 422: one execution."""
+    k = key("same")
+    first, retry, other = [await send(client, proxy, body, k, content_type) for body in bodies]
+    assert first[0] == 201 and retry == (201, True, first[2])
+    assert other[0] == 422
+    assert upstream.executions(k) == 1
+
+
 @pytest.mark.parametrize("mode", ["raw", "canonical"])
 async def test_reordered_json_replays_under_canonical_and_is_422_under_raw(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession,
@@ -265,13 +277,11 @@ async def test_an_ignored_field_may_change_and_another_may_not(
         "path": "/*", "fingerprint": {"body": "canonical",
                                       "ignore": ["/timestamp", "/metadata/nonce"]},
     }])  # fmt: skip
-    k = key("ignore")
-    first = await send(client, proxy, b'{"amount":1,"timestamp":1,"metadata":{"nonce":"a"}}', k)
-    retry = await send(client, proxy, b'{"metadata":{"nonce":"b"},"timestamp":2,"amount":1}', k)
-    other = await send(client, proxy, b'{"amount":2,"timestamp":3,"metadata":{"nonce":"c"}}', k)
-    assert first[0] == 201 and retry == (201, True, first[2])
-    assert other[0] == 422
-    assert upstream.executions(k) == 1
+    await replays_then_refuses(client, proxy, upstream, [
+        b'{"amount":1,"timestamp":1,"metadata":{"nonce":"a"}}',
+        b'{"metadata":{"nonce":"b"},"timestamp":2,"amount":1}',
+        b'{"amount":2,"timestamp":3,"metadata":{"nonce":"c"}}',
+    ])  # fmt: skip
 
 
 async def test_a_form_body_in_another_pair_order_replays_under_canonical(
@@ -280,13 +290,9 @@ async def test_a_form_body_in_another_pair_order_replays_under_canonical(
     """Form pairs in another order are the same request; another value is not."""
     proxy = await start_proxy(store={"url": store_url},
                               defaults={"fingerprint": {"body": "canonical"}})  # fmt: skip
-    k = key("form")
-    first = await send(client, proxy, b"amount=1&currency=eur", k, FORM)
-    retry = await send(client, proxy, b"currency=eur&amount=1", k, FORM)
-    other = await send(client, proxy, b"currency=usd&amount=1", k, FORM)
-    assert first[0] == 201 and retry == (201, True, first[2])
-    assert other[0] == 422
-    assert upstream.executions(k) == 1
+    await replays_then_refuses(client, proxy, upstream, [
+        b"amount=1&currency=eur", b"currency=eur&amount=1", b"currency=usd&amount=1",
+    ], FORM)  # fmt: skip
 
 
 async def test_a_body_that_claims_json_but_is_not_is_fingerprinted_raw(
@@ -294,10 +300,6 @@ async def test_a_body_that_claims_json_but_is_not_is_fingerprinted_raw(
 ) -> None:
     """Broken JSON is forwarded, stored and replayed by its bytes; a change in them is 422."""
     proxy = await start_proxy(defaults={"fingerprint": {"body": "canonical"}})
-    k = key("broken")
-    first = await send(client, proxy, b'{"amount": 1,', k)
-    retry = await send(client, proxy, b'{"amount": 1,', k)
-    other = await send(client, proxy, b'{"amount":1,', k)
-    assert first[0] == 201 and retry == (201, True, first[2])
-    assert other[0] == 422
-    assert upstream.executions(k) == 1
+    await replays_then_refuses(client, proxy, upstream, [
+        b'{"amount": 1,', b'{"amount": 1,', b'{"amount":1,',
+    ])  # fmt: skip
