@@ -45,6 +45,7 @@ KEY_MAX_LENGTH = 255
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 OnConcurrent = Literal["reject", "wait"]
+FingerprintBody = Literal["raw", "canonical"]
 OnUnknownOutcome = Literal["reject", "retry"]
 FailMode = Literal["closed", "open"]
 
@@ -55,6 +56,37 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+def parse_pointer(text: object) -> tuple[str, ...]:
+    """An RFC 6901 JSON Pointer (`/a/b~1c`) as its unescaped reference tokens.
+
+    The empty pointer (the whole document) is refused: ignoring the whole body would make
+    every request with the key "the same request".
+    """
+    if not isinstance(text, str) or not text.startswith("/"):
+        raise ValueError(f'expected a JSON Pointer like "/metadata/nonce", got {show_value(text)}')
+    if _BAD_ESCAPE.search(text):
+        raise ValueError(f'"~" must be followed by 0 or 1 (RFC 6901), got {show_value(text)}')
+    return tuple(token.replace("~1", "/").replace("~0", "~") for token in text[1:].split("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintPolicy:
+    """How a request body enters the fingerprint (`proxy.fingerprints`).
+
+    `ignore` holds the JSON Pointers as written; `paths` the same, parsed into tokens.
+    """
+
+    body: FingerprintBody = "raw"
+    ignore: tuple[str, ...] = ()
+    paths: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", tuple(parse_pointer(p) for p in self.ignore))
+
+
+RAW_FINGERPRINT = FingerprintPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +109,9 @@ class RoutePolicy:
     upstream_timeout: float = 30.0
     max_request_body: int = 1024 * 1024
     max_stored_response: int = 1024 * 1024
+    fingerprint: FingerprintPolicy = RAW_FINGERPRINT
+    # How long a key is remembered after its response expired (0: not at all).
+    tombstone_ttl: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +151,7 @@ _SIZE_UNITS = {
     None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
     "KB": 1000, "MB": 1000**2, "GB": 1000**3,
 }  # fmt: skip
+_BAD_ESCAPE = re.compile(r"~(?![01])")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # An unknown key is quoted back only when it looks like a field name (not a URL, say).
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}\Z")
@@ -258,6 +294,22 @@ def _secret(value: object) -> str:
     return value
 
 
+def _tombstone_ttl(value: object) -> float:
+    """A duration, or 0 / false to keep no tombstone (so a route can turn a default off)."""
+    if value is False or (isinstance(value, int | float) and not isinstance(value, bool)
+                          and value == 0):  # fmt: skip
+        return 0.0
+    return parse_duration(value)
+
+
+def _pointers(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of JSON Pointers, got {show_value(value)}")
+    for item in value:
+        parse_pointer(item)
+    return tuple(value)
+
+
 def _positive_int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"expected a positive whole number, got {show_value(value)}")
@@ -286,6 +338,12 @@ _POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
     "max_request_body": parse_size,
     "max_stored_response": parse_size,
     "upstream": parse_upstream,
+    "tombstone_ttl": _tombstone_ttl,
+}
+# `fingerprint:` is a mapping of its own; a route's fields go on top of the defaults' ones.
+_FINGERPRINT_FIELDS: dict[str, Callable[[object], Any]] = {
+    "body": _choice("raw", "canonical"),
+    "ignore": _pointers,
 }
 _ROUTE_ONLY_FIELDS: dict[str, Callable[[object], Any]] = {"path": _route_path, "id": _text}
 _STORE_FIELDS: dict[str, Callable[[object], Any]] = {
@@ -348,6 +406,21 @@ class _Collector:
                 self.problems.append(f"{where}: {exc}")
         return parsed
 
+    def fingerprint(self, path: str, raw: object, base: FingerprintPolicy) -> FingerprintPolicy:
+        """The `fingerprint:` mapping of `raw` (a route or the defaults) on top of `base`."""
+        if not isinstance(raw, dict) or raw.get("fingerprint") is None:
+            return base
+        where = f"{path}.fingerprint"
+        fields = self.section(where, raw["fingerprint"], _FINGERPRINT_FIELDS)
+        policy = replace(base, **fields)
+        if policy.ignore and policy.body != "canonical":
+            inherited = "" if "ignore" in fields else " (the ignore list comes from defaults)"
+            self.problems.append(
+                f"{where}.ignore: needs body: canonical (ignored fields are left out of the "
+                f"canonical form of a JSON body){inherited}"
+            )
+        return policy
+
     def check_timing(self, path: str, policy: RoutePolicy) -> None:
         if policy.lease > policy.ttl:
             self.problems.append(f"{path}.lease: must not exceed ttl ({policy.ttl:g}s)")
@@ -365,7 +438,11 @@ def parse_config(
     upstream_fields = _upstream_section(collector, mapping.get("upstream"))
     top = collector.section("", raw, _TOP_FIELDS, extra=_SECTIONS)
     store_fields = collector.section("store", mapping.get("store"), _STORE_FIELDS)
-    default_fields = collector.section("defaults", mapping.get("defaults"), _POLICY_FIELDS)
+    raw_defaults = mapping.get("defaults")
+    default_fields = collector.section(
+        "defaults", raw_defaults, _POLICY_FIELDS, extra=("fingerprint",)
+    )
+    default_fields["fingerprint"] = collector.fingerprint("defaults", raw_defaults, RAW_FINGERPRINT)
     _apply_environment(collector, env, top, store_fields)
 
     upstream = upstream_fields.get("url", DEFAULT_UPSTREAM)
@@ -440,8 +517,9 @@ def _routes(collector: _Collector, raw_routes: object, defaults: RoutePolicy) ->
     for index, raw_route in enumerate(raw_routes):
         where = f"routes[{index}]"
         fields = collector.section(
-            where, raw_route, _POLICY_FIELDS, extra=tuple(_ROUTE_ONLY_FIELDS)
+            where, raw_route, _POLICY_FIELDS, extra=(*_ROUTE_ONLY_FIELDS, "fingerprint")
         )
+        fields["fingerprint"] = collector.fingerprint(where, raw_route, defaults.fingerprint)
         route_only = {}
         if isinstance(raw_route, dict):
             for name, parser in _ROUTE_ONLY_FIELDS.items():
@@ -542,4 +620,6 @@ def _describe_route(route: RoutePolicy) -> dict[str, Any]:
         "lease": route.lease,
         "on_concurrent": route.on_concurrent,
         "on_unknown_outcome": route.on_unknown_outcome,
+        "fingerprint": {"body": route.fingerprint.body, "ignore": list(route.fingerprint.ignore)},
+        "tombstone_ttl": route.tombstone_ttl,
     }

@@ -16,7 +16,8 @@ with `raise ... from exc`; the rest of the code only ever catches these.
     │   ├── BodyTooLarge            413     body-too-large
     │   ├── KeyInUse                409     key-in-use           (Retry-After)
     │   ├── KeyMismatch             422     key-mismatch
-    │   └── ResponseNotReplayable   409     response-not-replayable
+    │   ├── ResponseNotReplayable   409     response-not-replayable
+    │   └── ResponseExpired         409     response-expired     (past ttl, inside tombstone_ttl)
     ├── StoreError                          the store failed; raised by store backends
     │   └── StoreUnavailable        503     store-unavailable    (Retry-After)
     ├── UpstreamError                       the upstream exchange failed
@@ -171,6 +172,13 @@ class ResponseNotReplayable(RequestError):
     outcome = RequestOutcome.REPLAYED
     slug = "response-not-replayable"
     title = "The first request completed, but its response was too large to store"
+
+
+class ResponseExpired(RequestError):
+    status = 409
+    outcome = RequestOutcome.EXPIRED
+    slug = "response-expired"
+    title = "This request was executed; its response is no longer available"
 
 
 class StoreError(ProxyError):

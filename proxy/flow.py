@@ -5,6 +5,7 @@
                                              replay:   respond with the stored outcome
                                              in progress: 409, or wait (on_concurrent: wait)
                                              mismatch: 422
+                                             expired (a tombstone): 409
 
 One store round trip decides a request; a first attempt costs one more to record it. The
 owner of a key (`proxy.owner.Owner`) settles its record; the upstream client
@@ -31,6 +32,7 @@ from proxy.errors import (
     MissingKey,
     OutcomeUnknown,
     ProxyError,
+    ResponseExpired,
     ResponseNotReplayable,
     StoreError,
     UpstreamError,
@@ -44,6 +46,7 @@ from proxy.routing import Router
 from proxy.store.base import (
     Acquired,
     Decision,
+    Expired,
     InProgress,
     Mismatch,
     Outcome,
@@ -98,7 +101,9 @@ class Proxy:
         record = storage_key(self.config.store.namespace, scope, key)
         ex.record = record.hash
         path, _, query = target.partition("?")
-        fingerprint = fingerprint_request(request.method, path, query, body)
+        fingerprint = fingerprint_request(request.method, path, query, body,
+                                          request.headers.get("Content-Type", ""),
+                                          route.fingerprint)  # fmt: skip
         try:
             decision = await self.decide(record, fingerprint, route, ex)
         except StoreError as exc:
@@ -110,7 +115,8 @@ class Proxy:
             return await self.stream(request, route, ex, body=body)
         if isinstance(decision, Acquired):
             owner = Owner(self.store, self.leases, record, decision.token,
-                          lease=route.lease, ttl=route.ttl, route=route.id)  # fmt: skip
+                          lease=route.lease, ttl=route.ttl, route=route.id,
+                          tombstone=route.tombstone_ttl)  # fmt: skip
             return await self.execute(request, route, owner, target, body, ex)
         return answer(decision, route, ex)
 
@@ -127,7 +133,8 @@ class Proxy:
     def begin(self, record: RecordKey, fingerprint: str, route: RoutePolicy) -> Awaitable[Decision]:
         """The deciding store call, with the route's settings."""
         return self.store.begin(record.store, fingerprint, lease=route.lease, ttl=route.ttl,
-                                takeover=route.on_unknown_outcome == "retry")  # fmt: skip
+                                takeover=route.on_unknown_outcome == "retry",
+                                tombstone=route.tombstone_ttl)  # fmt: skip
 
     async def wait(
         self, record: RecordKey, fingerprint: str, route: RoutePolicy, ex: Exchange
@@ -253,6 +260,14 @@ def answer(decision: Decision, route: RoutePolicy, ex: Exchange) -> web.StreamRe
             f"a request with this {route.key_header} is still being processed; "
             "retry later to get its result",
             retry_after=_CONFLICT_RETRY_AFTER,
+        )
+    if isinstance(decision, Expired):
+        answered = f"the upstream answered {decision.status}" if decision.status else (
+            "its outcome is unknown")  # fmt: skip
+        raise ResponseExpired(
+            f"the first request with this {route.key_header} was executed ({answered}); its "
+            "response is past its ttl and no longer available. It was not executed again; "
+            "use a new key for a new request"
         )
     assert isinstance(decision, Mismatch)
     raise KeyMismatch(

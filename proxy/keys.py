@@ -10,8 +10,9 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from proxy.config import KEY_MAX_LENGTH
+from proxy.config import KEY_MAX_LENGTH, RAW_FINGERPRINT, FingerprintPolicy
 from proxy.errors import InvalidKey
+from proxy.fingerprints import canonical_body
 
 STORAGE_PREFIX = "idp:"
 
@@ -74,9 +75,21 @@ def _unquote(raw: str, header: str) -> str:
     raise InvalidKey(f"{header} is a quoted string without its closing quote")
 
 
-def fingerprint_request(method: str, path: str, query: str, body: bytes) -> str:
-    """What makes two requests "the same request": method, path, query and body."""
-    digest = hashlib.blake2b(digest_size=16)
+def fingerprint_request(
+    method: str, path: str, query: str, body: bytes, content_type: str = "",
+    policy: FingerprintPolicy = RAW_FINGERPRINT,
+) -> str:  # fmt: skip
+    """What makes two requests "the same request": method, path, query and body.
+
+    The body enters as its bytes, or, under `policy.body: canonical`, in the canonical form
+    its `content_type` has (`proxy.fingerprints`), hashed with a function of its own.
+    """
+    canonical = None if policy.body == "raw" else canonical_body(policy, content_type, body)
+    if canonical is None:
+        digest = hashlib.blake2b(digest_size=16)
+    else:
+        digest = hashlib.blake2b(digest_size=16, person=canonical[0])
+        body = canonical[1]
     for part in (method.encode(), path.encode("utf-8", "surrogateescape"),
                  query.encode("utf-8", "surrogateescape")):  # fmt: skip
         digest.update(len(part).to_bytes(4, "big"))

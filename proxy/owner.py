@@ -40,16 +40,18 @@ class Settled(Enum):
 class Owner:
     """The in-flight record of one key, owned with `token`; settle it exactly once."""
 
-    __slots__ = ("_held", "_leases", "_store", "lease", "record", "route", "token", "ttl")
+    __slots__ = ("_held", "_leases", "_store", "lease", "record", "route", "token", "tombstone",
+                 "ttl")  # fmt: skip
 
     def __init__(self, store: Store, leases: Leases, record: RecordKey, token: str, *,
-                 lease: float, ttl: float, route: str) -> None:  # fmt: skip
+                 lease: float, ttl: float, route: str, tombstone: float = 0.0) -> None:  # fmt: skip
         self._store = store
         self._leases = leases
         self.record = record
         self.token = token
         self.lease = lease
         self.ttl = ttl
+        self.tombstone = tombstone
         self.route = route
         self._held = leases.hold(record, token, lease)
         metrics.IN_FLIGHT_RECORDS.inc()
@@ -57,8 +59,10 @@ class Owner:
     async def complete(self, outcome: Outcome) -> Settled:
         """Store the key's terminal result, fenced by our token."""
         store, key, token, ttl = self._store, self.record.store, self.token, self.ttl
+        tombstone = self.tombstone
         settled = await self._settle(
-            lambda: store.complete(key, token, outcome, ttl=ttl), "complete",
+            lambda: store.complete(key, token, outcome, ttl=ttl, tombstone=tombstone),
+            "complete",
             "store failed after the upstream answered; recording in the background",
         )  # fmt: skip
         if settled is Settled.FENCED:

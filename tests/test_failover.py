@@ -72,7 +72,7 @@ async def run_failover(
     """Drive traffic, kill a primary a third of the way through, then retry every key."""
     proxy = await start_proxy(
         store={"url": url, "timeout": "300ms", "min_replicas_ack": 1},
-        defaults={"lease": "1s"},
+        defaults={"lease": "1s", "on_concurrent": "reject"},
     )
     traffic = Traffic()
     names = [key("failover") for _ in range(KEYS)]

@@ -515,10 +515,11 @@ class GatedCompletes(MemoryStore):
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float,
+                       tombstone: float = 0.0) -> bool:  # fmt: skip
         self.waiting.set()
         await self.gate.wait()
-        return await super().complete(key, token, outcome, ttl=ttl)
+        return await super().complete(key, token, outcome, ttl=ttl, tombstone=tombstone)
 
 
 async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(

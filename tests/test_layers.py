@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.leases", "proxy.targets", "proxy.contract"),
     ("proxy.routing", "proxy.upstream", "proxy.store"),
     ("proxy.keys",),
+    ("proxy.fingerprints",),
     ("proxy.config", "proxy.errors", "proxy.metrics", "proxy.logs", "proxy.tasks"),
     ("proxy.outcomes", "proxy.masking", "proxy.store_url"),
     ("proxy",),

@@ -33,6 +33,7 @@ from proxy.errors import (
     MissingKey,
     OutcomeUnknown,
     ProxyError,
+    ResponseExpired,
     ResponseNotReplayable,
     StoreUnavailable,
     UnsupportedMethod,
@@ -96,7 +97,24 @@ def _expiry(route: RoutePolicy) -> str:
 
 
 def _after_expiry(route: RoutePolicy) -> str:
+    if route.tombstone_ttl:
+        return (
+            f"remembered for {duration(route.tombstone_ttl)} more: the same request gets 409 "
+            "`response-expired` (another request 422), never a second execution; then forgotten"
+        )
     return "the key is forgotten: a request with it executes as a new one"
+
+
+def _fingerprint(route: RoutePolicy) -> str:
+    policy = route.fingerprint
+    if policy.body == "raw":
+        return "method, path, query and the body's bytes"
+    ignored = ", ".join(f"`{pointer}`" for pointer in policy.ignore)
+    return (
+        "method, path, query and the body in canonical form (JSON: RFC 8785; forms: pairs by "
+        "name), so key order and whitespace do not matter"
+        + (f"; ignoring {ignored}" if ignored else "")
+    )
 
 
 def _scope(route: RoutePolicy) -> str:
@@ -156,6 +174,7 @@ FACTS: tuple[Fact, ...] = (
     ("Key header", lambda route: f"`{route.key_header}`"),
     ("Key", _key),
     ("Key format", key_format),
+    ("Same request means", _fingerprint),
     ("Expiry (ttl)", _expiry),
     ("After the expiry", _after_expiry),
     ("Key scope", _scope),
@@ -216,6 +235,9 @@ PROBLEMS: tuple[Problem, ...] = (
             "the idempotency store did not answer; nothing was forwarded (see Retry-After)"),
     Problem(UpstreamTimeout, _always,
             "the upstream did not answer in time; it may have acted"),
+    Problem(ResponseExpired, lambda route, config: bool(route.tombstone_ttl),
+            "the first request with this key executed; its answer expired and is no longer "
+            "available"),
 )  # fmt: skip
 
 # Errors of `proxy.errors` that no operation of an OpenAPI document can meet: they answer

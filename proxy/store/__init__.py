@@ -50,11 +50,13 @@ class MeasuredStore:
     # begin and complete are on every first attempt's path: timed inline, without
     # the extra coroutine that `_measure` costs.
     async def begin(
-        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
-    ) -> Decision:
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool,
+        tombstone: float = 0.0,
+    ) -> Decision:  # fmt: skip
         started = time.perf_counter()
         try:
-            return await self.inner.begin(key, fingerprint, lease=lease, ttl=ttl, takeover=takeover)
+            return await self.inner.begin(key, fingerprint, lease=lease, ttl=ttl,
+                                          takeover=takeover, tombstone=tombstone)  # fmt: skip
         except StoreError:
             self._errors["begin"].inc()
             raise
@@ -64,10 +66,12 @@ class MeasuredStore:
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return bool(await self._measure("renew", self.inner.renew(key, token, lease=lease)))
 
-    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+    async def complete(
+        self, key: str, token: str, outcome: Outcome, *, ttl: float, tombstone: float = 0.0
+    ) -> bool:
         started = time.perf_counter()
         try:
-            return await self.inner.complete(key, token, outcome, ttl=ttl)
+            return await self.inner.complete(key, token, outcome, ttl=ttl, tombstone=tombstone)
         except StoreError:
             self._errors["complete"].inc()
             raise

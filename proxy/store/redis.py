@@ -27,6 +27,7 @@ from proxy.store.base import (
     UNKNOWN_OUTCOME,
     Acquired,
     Decision,
+    Expired,
     InProgress,
     Mismatch,
     Outcome,
@@ -46,7 +47,13 @@ from proxy.store.topology import Batcher, ClusterBatcher
 from proxy.tasks import spawn
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
-# clock), and when done: kind, status, hdrs, body.
+# clock), and when done: kind, status, hdrs, body, and with a tombstone `until` (when the
+# response expires, ms, server clock).
+#
+# Tombstones: Redis (before 7.4) cannot expire part of a hash, so a done record with a
+# tombstone is kept (PEXPIRE) for ttl + tombstone, and `until` marks the end of its
+# response. A begin past `until` treats the record as a tombstone and drops its headers and
+# body on the way (`bury`); a record nobody asks for again keeps them until it expires.
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -63,14 +70,38 @@ local function keep_for_lease(lease)
 end
 """
 
-# KEYS[1] record; ARGV fingerprint, token, lease ms, ttl ms, takeover (1/0)
+# Keep a done record `tomb` ms past the end of its response, which `until` marks.
+_KEEP_TOMBSTONE = """
+local function keep_tombstone(ends, tomb)
+  redis.call('HSET', KEYS[1], 'until', ends)
+  redis.call('PEXPIRE', KEYS[1], ends - now + tomb)
+end
+"""
+
+# Turn a done record whose response expired into its tombstone: the same hash without
+# headers and body, written anew so that Redis stores it compactly again (a hash that once
+# held a large body keeps its large encoding after HDEL: 528 bytes instead of about 150).
+_BURY = """
+local function bury(fp, kind, status, tok, ends)
+  local left = redis.call('PTTL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'st', 'd', 'fp', fp, 'kind', kind, 'status', status,
+             'until', ends)
+  if tok then redis.call('HSET', KEYS[1], 'tok', tok) end
+  redis.call('PEXPIRE', KEYS[1], left)
+end
+"""
+
+# KEYS[1] record; ARGV fingerprint, token, lease ms, ttl ms, takeover (1/0), tombstone ms
 # -> {1} acquired | {2} taken over | {3, kind, status, hdrs, body} replay
-#    | {4, ms left} in progress | {5} mismatch
+#    | {4, ms left} in progress | {5} mismatch | {6, kind, status} response expired
 BEGIN = (
     _NOW
     + _KEEP_FOR_LEASE
+    + _KEEP_TOMBSTONE
+    + _BURY
     + """
-local rec = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp')
+local rec = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp', 'until')
 if not rec[1] then
   redis.call('HSET', KEYS[1], 'st', 'f', 'fp', ARGV[1], 'tok', ARGV[2], 'exp', now + ARGV[3])
   redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[4]), tonumber(ARGV[3])))
@@ -78,6 +109,11 @@ if not rec[1] then
 end
 if rec[2] ~= ARGV[1] then return {5} end
 if rec[1] == 'd' then
+  if rec[4] and now >= tonumber(rec[4]) then
+    local r = redis.call('HMGET', KEYS[1], 'kind', 'status', 'tok', 'body')
+    if r[4] then bury(rec[2], r[1], r[2], r[3], rec[4]) end
+    return {6, r[1], r[2]}
+  end
   local r = redis.call('HMGET', KEYS[1], 'kind', 'status', 'hdrs', 'body')
   return {3, r[1], r[2], r[3], r[4]}
 end
@@ -90,6 +126,7 @@ if ARGV[5] == '1' then
 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'kind', 'unknown', 'status', '0', 'hdrs', '', 'body', '')
 redis.call('HDEL', KEYS[1], 'tok', 'exp')
+if tonumber(ARGV[6]) > 0 then keep_tombstone(now + redis.call('PTTL', KEYS[1]), ARGV[6]) end
 return {3, 'unknown', '0', '', ''}
 """
 )
@@ -107,19 +144,27 @@ return 1
 """
 )
 
-# KEYS[1] record; ARGV token, ttl ms, kind, status, hdrs, body -> 1 stored | 0 fenced.
-# The owner's token stays on the done record, so a complete that is retried after its
-# answer was lost is told "stored" again instead of "fenced".
-COMPLETE = """
+# KEYS[1] record; ARGV token, ttl ms, kind, status, hdrs, body, tombstone ms
+# -> 1 stored | 0 fenced. The owner's token stays on the done record, so a complete that is
+# retried after its answer was lost is told "stored" again instead of "fenced".
+COMPLETE = (
+    _NOW
+    + _KEEP_TOMBSTONE
+    + """
 local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
 if r[2] ~= ARGV[1] then return 0 end
 if r[1] == 'd' then return 1 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'kind', ARGV[3], 'status', ARGV[4],
            'hdrs', ARGV[5], 'body', ARGV[6])
 redis.call('HDEL', KEYS[1], 'exp')
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if tonumber(ARGV[7]) > 0 then
+  keep_tombstone(now + ARGV[2], ARGV[7])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 1
 """
+)
 
 # KEYS[1] record; ARGV token -> 1 released | 0 not the owner (or already done)
 RELEASE = """
@@ -129,16 +174,18 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS[1] record -> {st, fp, exp-now or false, pttl, kind, status, body length} or {}
+# KEYS[1] record
+# -> {st, fp, exp-now or false, pttl, kind, status, body length, tombstone 1/0} or {}
 INSPECT = (
     _NOW
     + """
-local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp', 'kind', 'status')
+local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp', 'kind', 'status', 'until')
 if not r[1] then return {} end
 local left = false
 if r[3] then left = tonumber(r[3]) - now end
-return {r[1], r[2], left, redis.call('PTTL', KEYS[1]), r[4], r[5],
-        redis.call('HSTRLEN', KEYS[1], 'body')}
+local tomb, body = 0, redis.call('HSTRLEN', KEYS[1], 'body')
+if r[6] and now >= tonumber(r[6]) then tomb, body = 1, 0 end
+return {r[1], r[2], left, redis.call('PTTL', KEYS[1]), r[4], r[5], body, tomb}
 """
 )
 
@@ -173,13 +220,18 @@ def decode_headers(data: bytes) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _kind(kind: bytes) -> OutcomeKind:
+    if kind == b"unknown":
+        return "unknown"
+    assert kind in (b"response", b"too_large"), kind
+    return "response" if kind == b"response" else "too_large"
+
+
 def _outcome(kind: bytes, status: bytes, hdrs: bytes, body: bytes) -> Outcome:
-    name = kind.decode()
+    name = _kind(kind)
     if name == "unknown":
         return UNKNOWN_OUTCOME
-    assert name in ("response", "too_large"), name
-    kind_name: OutcomeKind = "response" if name == "response" else "too_large"
-    return Outcome(kind_name, StoredResponse(int(status), decode_headers(hdrs), body))
+    return Outcome(name, StoredResponse(int(status), decode_headers(hdrs), body))
 
 
 # Releasing the records of begins that went unanswered: first after this long, then backing off.
@@ -228,13 +280,15 @@ class RedisStore:
         return _checked(reply)
 
     async def begin(
-        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
-    ) -> Decision:
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool,
+        tombstone: float = 0.0,
+    ) -> Decision:  # fmt: skip
         token = new_token()
         try:
             reply = await self._write(
-                _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0
-            )
+                _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0,
+                _ms_or_off(tombstone),
+            )  # fmt: skip
         except Unanswered:
             # Redis may still run this begin when it reads it (a frozen or overloaded server
             # works through its socket buffers when it resumes), or ran it but too few
@@ -254,6 +308,8 @@ class RedisStore:
             return Replay(_outcome(*reply[1:5]))
         if code == 4:
             return InProgress(reply[1] / 1000)
+        if code == 6:
+            return Expired(_kind(reply[1]), int(reply[2]))
         return Mismatch()
 
     async def _withdraw(self) -> None:
@@ -282,12 +338,14 @@ class RedisStore:
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return bool(await self._write(_RENEW, key, token, _ms(lease)))
 
-    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+    async def complete(
+        self, key: str, token: str, outcome: Outcome, *, ttl: float, tombstone: float = 0.0
+    ) -> bool:
         response = outcome.response
         return bool(
             await self._write(
                 _COMPLETE, key, token, _ms(ttl), outcome.kind, response.status,
-                encode_headers(response.headers), response.body,
+                encode_headers(response.headers), response.body, _ms_or_off(tombstone),
             )
         )  # fmt: skip
 
@@ -308,19 +366,14 @@ class RedisStore:
         reply = await self._call(_INSPECT, key)
         if not reply:
             return None
-        state, fingerprint, lease_left, pttl, kind, status, body_len = reply
+        state, fingerprint, lease_left, pttl, kind, status, body_len, tombstone = reply
         ttl_remaining = pttl / 1000 if pttl >= 0 else None
         if state == b"f":
             return RecordInfo("in_flight", fingerprint.decode(), ttl_remaining,
                               lease_remaining=max(0.0, (lease_left or 0) / 1000))  # fmt: skip
-        kind_name: OutcomeKind = "response"
-        if kind == b"too_large":
-            kind_name = "too_large"
-        elif kind == b"unknown":
-            kind_name = "unknown"
         return RecordInfo(
-            "done", fingerprint.decode(), ttl_remaining, outcome=kind_name,
-            status=int(status) or None, body_bytes=body_len,
+            "done", fingerprint.decode(), ttl_remaining, outcome=_kind(kind),
+            status=int(status) or None, body_bytes=body_len, tombstone=bool(tombstone),
         )  # fmt: skip
 
     async def delete(self, key: str) -> bool:
@@ -367,3 +420,8 @@ def _checked(reply: Any) -> Any:
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _ms_or_off(seconds: float) -> int:
+    """A tombstone's length in ms; 0 keeps none."""
+    return _ms(seconds) if seconds > 0 else 0

@@ -17,6 +17,7 @@ from proxy.store import open_store
 from proxy.store.base import (
     UNKNOWN_OUTCOME,
     Acquired,
+    Expired,
     InProgress,
     Mismatch,
     Outcome,
@@ -302,3 +303,71 @@ async def test_inspect_delete_and_counts(store: Store) -> None:
     assert await store.inspect(flying) is None
     assert not await store.delete(flying)
     await store.ping()
+
+
+# --- tombstones: a key remembered after its response expired -----------------------------
+
+
+async def complete_new(store: Store, record: str, *, ttl: float, tombstone: float) -> float:
+    """Execute a new key with `ttl` and `tombstone`; when its response expires (loop time)."""
+    lock = await begin(store, record, ttl=ttl)
+    assert isinstance(lock, Acquired)
+    assert await store.complete(record, lock.token, RESPONSE, ttl=ttl, tombstone=tombstone)
+    return asyncio.get_running_loop().time() + ttl
+
+
+async def sleep_until(deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+
+
+async def test_a_tombstone_outlives_the_response_then_the_key_is_free(store: Store) -> None:
+    """Inside its ttl a key replays; then, for tombstone more, the same request is told it
+    was executed (kind and status, no body), another is a mismatch; then the key is free."""
+    record = record_key("t")
+    response_ends = await complete_new(store, record, ttl=0.2, tombstone=0.6)
+    assert await begin(store, record) == Replay(RESPONSE)
+    await sleep_until(response_ends + 0.1)
+    assert await begin(store, record) == Expired("response", 201)
+    assert await begin(store, record) == Expired("response", 201)
+    assert isinstance(await begin(store, record, "fp-other"), Mismatch)
+    info = await store.inspect(record)
+    assert info is not None and info.state == "done" and info.tombstone
+    assert info.status == 201 and info.body_bytes == 0
+    assert (await store.counts())["done"] == 1
+    await sleep_until(response_ends + 0.6 + 0.1)
+    assert isinstance(await begin(store, record), Acquired)
+
+
+async def test_a_tombstone_keeps_a_non_replayable_outcome_s_kind(store: Store) -> None:
+    """A too-large outcome's tombstone says so, with the status the upstream answered."""
+    record = record_key("t")
+    lock = await begin(store, record, ttl=0.2)
+    assert isinstance(lock, Acquired)
+    too_large = Outcome("too_large", StoredResponse(200, (), b""))
+    assert await store.complete(record, lock.token, too_large, ttl=0.2, tombstone=5)
+    await asyncio.sleep(0.3)
+    assert await begin(store, record) == Expired("too_large", 200)
+    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)  # a retried complete
+    assert await begin(store, record) == Expired("too_large", 200)  # ... changes nothing
+
+
+async def test_an_unknown_outcome_keeps_a_tombstone_after_its_ttl(store: Store) -> None:
+    """A dead owner's record, turned into "outcome unknown", is remembered past its ttl."""
+    record = record_key("t")
+    ttl_ends = asyncio.get_running_loop().time() + 0.6  # room for a loaded machine
+    lock = await begin(store, record, lease=0.05, ttl=0.6)
+    assert isinstance(lock, Acquired)
+    await asyncio.sleep(0.1)
+    decision = await store.begin(record, "fp", lease=LEASE, ttl=0.6, takeover=False,
+                                 tombstone=5)  # fmt: skip
+    assert decision == Replay(UNKNOWN_OUTCOME)
+    await sleep_until(ttl_ends + 0.1)
+    assert await begin(store, record) == Expired("unknown", 0)
+
+
+async def test_without_a_tombstone_nothing_outlives_the_ttl(store: Store) -> None:
+    """tombstone 0 (the default) keeps nothing once the response expired."""
+    record = record_key("t")
+    response_ends = await complete_new(store, record, ttl=0.1, tombstone=0)
+    await sleep_until(response_ends + 0.1)
+    assert isinstance(await begin(store, record), Acquired)
