@@ -1,0 +1,182 @@
+"""What tracing costs when it samples nothing: `tracing:` off against on at `sample_ratio: 0`.
+
+The target (issue 14): tracing on with sampling 0 costs at most 3 % of throughput. Two
+proxies, identical but for the tracing block, run side by side in front of one nginx
+upstream; wrk drives them in turn (off, on, off, on, ...) so that whatever else the machine
+does hits both alike, and the median of the rounds is compared: req/s, and the proxy's CPU
+per request (its utime + stime from /proc, steadier than req/s on a shared machine). The
+traced proxy exports to a loopback port where nothing listens: at sampling 0 nothing is sent.
+
+    bench/tracing.py                          # 7 rounds of 5 s per case (about 3 minutes)
+    bench/tracing.py --rounds 3 --duration 3 --cases first --json out.json
+
+It needs wrk and nginx (bench/run installs them) and the otel extra in the Python running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import services
+import wrk
+from services import BENCH_DIR, REPO_DIR, Server
+
+TARGET = 0.03  # at most 3 % lower throughput with tracing on at sampling 0
+CASES = {
+    "first": "/pay/orders",  # protected first attempts, memory://: every tracing hook runs
+    "open": "/open/orders",  # the unprotected route: the middleware and the upstream hook
+}
+MODES = ("off", "on-0")
+
+
+def start(tmp: Path, mode: str, upstream: Server, cpus: str | None, log_level: str) -> Server:
+    """One proxy process; `on-0` adds a tracing block that samples nothing."""
+    port, admin_port = services.free_port(), services.free_port()
+    config = services.proxy_config(port, admin_port, upstream, "memory://", log_level)
+    if mode == "on-0":
+        sink = services.free_port()  # nothing listens there: at sampling 0 nothing is sent
+        config += f"tracing: {{endpoint: 'http://127.0.0.1:{sink}', sample_ratio: 0}}\n"
+    path = tmp / f"proxy-{mode}.yaml"
+    path.write_text(config)
+    log = tmp / f"proxy-{mode}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IDEMPOTENCY_PROXY_", "OTEL_"))}
+    argv = [sys.executable, "-m", "proxy", "run", "--config", str(path)]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            services.pinned(cpus, argv), stdout=out, stderr=subprocess.STDOUT, cwd=REPO_DIR,
+            env=env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    server = Server(f"proxy-{mode}", port, process, log, url=f"http://127.0.0.1:{port}")
+    services.wait_http(server, "/open/ready", method="POST")
+    return server
+
+
+@dataclass
+class Sample:
+    rps: float
+    cpu_us: float  # the proxy's CPU per request
+    errors: int
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+
+    def add(self, case: str, mode: str, sample: Sample) -> None:
+        self.samples.setdefault((case, mode), []).append(sample)
+
+    def median(self, case: str, mode: str, what: str) -> float:
+        return statistics.median(getattr(s, what) for s in self.samples[(case, mode)])
+
+
+def measure(proxy: Server, path: str, args: argparse.Namespace, tag: str,
+            load_cpus: str | None) -> Sample:  # fmt: skip
+    """One wrk run on `proxy` (after a warm-up), with the proxy's CPU over the measured part."""
+
+    def load(seconds: float, suffix: str) -> wrk.WrkResult:
+        return wrk.run(
+            proxy.url + path, duration=seconds, connections=args.connections,
+            threads=args.threads, script=str(BENCH_DIR / "first.lua"),
+            script_args=[tag + suffix, path], cpus=load_cpus,
+        )  # fmt: skip
+
+    load(args.warmup, "w")
+    before = services.cpu_ticks(proxy.pid)
+    result = load(args.duration, "m")
+    cpu = services.cpu_seconds_between(before, services.cpu_ticks(proxy.pid))
+    return Sample(result.rps, cpu / max(result.requests, 1) * 1e6, result.errors)
+
+
+def report(results: Results, cases: list[str], rounds: int) -> list[str]:
+    lines = [
+        "| case | tracing | req/s (median) | proxy CPU us/req (median) | req/s of each round |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for case in cases:
+        for mode in MODES:
+            runs = ", ".join(f"{s.rps:,.0f}" for s in results.samples[(case, mode)])
+            lines.append(
+                f"| {case} | {mode} | {results.median(case, mode, 'rps'):,.0f} "
+                f"| {results.median(case, mode, 'cpu_us'):.1f} | {runs} |"
+            )
+    lines.append("")
+    for case in cases:
+        off, on = (results.median(case, m, "rps") for m in MODES)
+        cpu_off, cpu_on = (results.median(case, m, "cpu_us") for m in MODES)
+        cost = 1 - on / off
+        verdict = "PASS" if cost <= TARGET else "MISS"
+        lines.append(
+            f"{verdict}  {case}: tracing on at sampling 0 has {cost:+.1%} lower throughput "
+            f"({on:,.0f} vs {off:,.0f} req/s, median of {rounds}); proxy CPU "
+            f"{cpu_on:.1f} vs {cpu_off:.1f} us/req ({cpu_on / cpu_off - 1:+.1%})"
+        )
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/tracing.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="off/on pairs per case (7)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds (5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds (1)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk -c (50)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk -t (1)")
+    parser.add_argument("--cases", default="first,open", help="first,open (both)")
+    parser.add_argument("--log-level", default="warning", choices=("info", "warning"))
+    parser.add_argument("--pin", choices=("on", "none"), default="on",
+                        help="on: the proxies on CPU 0, wrk and nginx on the rest")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="write every sample here")
+    args = parser.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    if unknown := [c for c in args.cases if c not in CASES]:
+        parser.error(f"unknown case(s) {unknown}; choose from {','.join(CASES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = args.pin == "on" and len(cpus) >= 2
+    hop_cpus = str(cpus[0]) if pin else None
+    load_cpus = ",".join(map(str, cpus[1:])) if pin else None
+    results = Results()
+    with tempfile.TemporaryDirectory(prefix="bench-tracing-") as directory:
+        tmp = Path(directory)
+        upstream = services.start_upstream(tmp, load_cpus, workers=1)
+        proxies = {mode: start(tmp, mode, upstream, hop_cpus, args.log_level) for mode in MODES}
+        try:
+            for case in args.cases:
+                for index in range(args.rounds):
+                    # Alternate which goes first, so neither always runs on a warmer machine.
+                    order = MODES if index % 2 == 0 else MODES[::-1]
+                    for mode in order:
+                        tag = f"t{os.getpid()}{int(time.time() * 1000) % 10**8}{case}{mode}{index}"
+                        sample = measure(proxies[mode], CASES[case], args, tag, load_cpus)
+                        results.add(case, mode, sample)
+                        print(f"{case} {mode} round {index + 1}: {sample.rps:,.0f} req/s, "
+                              f"{sample.cpu_us:.1f} us CPU/req, {sample.errors} errors",
+                              file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+            upstream.stop()
+    load = os.getloadavg()[0]
+    print(f"\nplacement: {'proxies on CPU ' + hop_cpus if hop_cpus else 'unpinned'}; "
+          f"log_level {args.log_level}; 1-minute load average at the end {load:.2f}\n")  # fmt: skip
+    print("\n".join(report(results, args.cases, args.rounds)))
+    if args.json is not None:
+        raw = {f"{c}/{m}": [s.__dict__ for s in v] for (c, m), v in results.samples.items()}
+        args.json.write_text(json.dumps(raw, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
