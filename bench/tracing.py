@@ -1,14 +1,19 @@
 """What tracing costs when it samples nothing: `tracing:` off against on at `sample_ratio: 0`.
 
 The target (issue 14): tracing on with sampling 0 costs at most 3 % of throughput. Two
-proxies, identical but for the tracing block, run side by side in front of one nginx
-upstream; wrk drives them in turn (off, on, off, on, ...) so that whatever else the machine
-does hits both alike, and the median of the rounds is compared: req/s, and the proxy's CPU
-per request (its utime + stime from /proc, steadier than req/s on a shared machine). The
-traced proxy exports to a loopback port where nothing listens: at sampling 0 nothing is sent.
+proxies, identical but for the tracing block, run in front of one nginx upstream, and the
+median of several rounds is compared: req/s, and the proxy's CPU per request (utime + stime
+from /proc). The traced proxy exports to a loopback port where nothing listens: at sampling
+0 nothing is sent. Two ways to run a round:
 
-    bench/tracing.py                          # 7 rounds of 5 s per case (about 3 minutes)
-    bench/tracing.py --rounds 3 --duration 3 --cases first --json out.json
+- `paired` (the default): both proxies share one CPU and are loaded at the same time, each
+  by its own wrk. The scheduler gives them equal CPU time, so their req/s ratio is the
+  inverse ratio of their CPU per request, and whatever else the machine does hits both at
+  once: the figure holds on a busy machine, where back-to-back runs drift by more than 3 %.
+- `alternate`: one proxy at a time, off and on in turn (the first of a pair alternating).
+
+    bench/tracing.py                          # 7 paired rounds of 5 s per case (~2 minutes)
+    bench/tracing.py --method alternate --rounds 5 --cases first --json out.json
 
 It needs wrk and nginx (bench/run installs them) and the otel extra in the Python running it.
 """
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,22 +84,29 @@ class Results:
         return statistics.median(getattr(s, what) for s in self.samples[(case, mode)])
 
 
-def measure(proxy: Server, path: str, args: argparse.Namespace, tag: str,
-            load_cpus: str | None) -> Sample:  # fmt: skip
-    """One wrk run on `proxy` (after a warm-up), with the proxy's CPU over the measured part."""
+def measure(proxies: dict[str, Server], path: str, args: argparse.Namespace, tag: str,
+            load_cpus: str | None) -> dict[str, Sample]:  # fmt: skip
+    """One wrk run on each of `proxies`, all at once (after a warm-up), with each proxy's CPU
+    over the measured part."""
 
-    def load(seconds: float, suffix: str) -> wrk.WrkResult:
+    def load(mode: str, seconds: float, suffix: str) -> wrk.WrkResult:
         return wrk.run(
-            proxy.url + path, duration=seconds, connections=args.connections,
+            proxies[mode].url + path, duration=seconds, connections=args.connections,
             threads=args.threads, script=str(BENCH_DIR / "first.lua"),
-            script_args=[tag + suffix, path], cpus=load_cpus,
+            script_args=[f"{tag}{mode}{suffix}", path], cpus=load_cpus,
         )  # fmt: skip
 
-    load(args.warmup, "w")
-    before = services.cpu_ticks(proxy.pid)
-    result = load(args.duration, "m")
-    cpu = services.cpu_seconds_between(before, services.cpu_ticks(proxy.pid))
-    return Sample(result.rps, cpu / max(result.requests, 1) * 1e6, result.errors)
+    with ThreadPoolExecutor(len(proxies)) as pool:
+        list(pool.map(lambda mode: load(mode, args.warmup, "w"), proxies))
+        before = {mode: services.cpu_ticks(proxy.pid) for mode, proxy in proxies.items()}
+        runs = pool.map(lambda mode: load(mode, args.duration, "m"), proxies)
+        results = dict(zip(proxies, runs, strict=True))
+    samples = {}
+    for mode, result in results.items():
+        after = services.cpu_ticks(proxies[mode].pid)
+        cpu = services.cpu_seconds_between(before[mode], after)
+        samples[mode] = Sample(result.rps, cpu / max(result.requests, 1) * 1e6, result.errors)
+    return samples
 
 
 def report(results: Results, cases: list[str], rounds: int) -> list[str]:
@@ -122,8 +135,30 @@ def report(results: Results, cases: list[str], rounds: int) -> list[str]:
     return lines
 
 
+def run_round(proxies: dict[str, Server], case: str, index: int, args: argparse.Namespace,
+              load_cpus: str | None, results: Results) -> None:  # fmt: skip
+    tag = f"t{os.getpid()}{int(time.time() * 1000) % 10**8}{case}{index}"
+    if args.method == "paired":
+        groups = [list(MODES)]
+    else:  # alternate which goes first, so neither always runs on a warmer machine
+        groups = [[mode] for mode in (MODES if index % 2 == 0 else MODES[::-1])]
+    for group in groups:
+        samples = measure({m: proxies[m] for m in group}, CASES[case], args, tag, load_cpus)
+        for mode, sample in samples.items():
+            results.add(case, mode, sample)
+            print(f"{case} {mode} round {index + 1}: {sample.rps:,.0f} req/s, "
+                  f"{sample.cpu_us:.1f} us CPU/req, {sample.errors} errors",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/tracing.py", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--method",
+        choices=("paired", "alternate"),
+        default="paired",
+        help="paired: both at once on one CPU (default); alternate: in turn",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="off/on pairs per case (7)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds (5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds (1)")
@@ -155,22 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for case in args.cases:
                 for index in range(args.rounds):
-                    # Alternate which goes first, so neither always runs on a warmer machine.
-                    order = MODES if index % 2 == 0 else MODES[::-1]
-                    for mode in order:
-                        tag = f"t{os.getpid()}{int(time.time() * 1000) % 10**8}{case}{mode}{index}"
-                        sample = measure(proxies[mode], CASES[case], args, tag, load_cpus)
-                        results.add(case, mode, sample)
-                        print(f"{case} {mode} round {index + 1}: {sample.rps:,.0f} req/s, "
-                              f"{sample.cpu_us:.1f} us CPU/req, {sample.errors} errors",
-                              file=sys.stderr, flush=True)  # fmt: skip
+                    run_round(proxies, case, index, args, load_cpus, results)
         finally:
             for proxy in proxies.values():
                 proxy.stop()
             upstream.stop()
     load = os.getloadavg()[0]
-    print(f"\nplacement: {'proxies on CPU ' + hop_cpus if hop_cpus else 'unpinned'}; "
-          f"log_level {args.log_level}; 1-minute load average at the end {load:.2f}\n")  # fmt: skip
+    where = f"proxies on CPU {hop_cpus}" if hop_cpus else "unpinned"
+    print(f"\n{args.method}; {where}; log_level {args.log_level}; "
+          f"1-minute load average at the end {load:.2f}\n")  # fmt: skip
     print("\n".join(report(results, args.cases, args.rounds)))
     if args.json is not None:
         raw = {f"{c}/{m}": [s.__dict__ for s in v] for (c, m), v in results.samples.items()}

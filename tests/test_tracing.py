@@ -152,23 +152,18 @@ def parent_of(header: str) -> tuple[str, str, bool]:
     return trace_id, span_id, bool(int(flags, 16) & 1)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    server: RedisServer = request.getfixturevalue("redis")
-    return server.url
-
-
 # --- the span tree ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("system", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_a_first_attempt_and_its_replay_make_the_span_tree_the_upstream_continues(
     start_proxy: ProxyFactory, client: aiohttp.ClientSession, upstream: Upstream,
-    collector: Collector, store_url: str,
+    collector: Collector, system: str, request: pytest.FixtureRequest,
 ) -> None:  # fmt: skip
     """First attempt: server span -> store begin, upstream POST, store complete, and the
     upstream's traceparent names the POST span; the replay: server span -> store begin only."""
+    redis: RedisServer | None = request.getfixturevalue("redis") if system == "redis" else None
+    store_url = "memory://" if redis is None else redis.url
     proxy = await start_proxy(store={"url": store_url}, tracing=tracing_config(collector))
     idem = key("traced")
     assert await post(client, proxy, idem) == 201
@@ -185,7 +180,6 @@ async def test_a_first_attempt_and_its_replay_make_the_span_tree_the_upstream_co
         "idempotency_proxy.route": "all", "idempotency_proxy.outcome": "forwarded",
         "idempotency_proxy.key_hash": record.hash,
     }  # fmt: skip
-    system = "memory" if store_url == "memory://" else "redis"
     begin, call = children["store begin"], children["POST"]
     assert begin.attributes["db.system.name"] == system
     assert begin.attributes["idempotency_proxy.decision"] == "acquired"
