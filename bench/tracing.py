@@ -12,8 +12,12 @@ from /proc). The traced proxy exports to a loopback port where nothing listens: 
   once: the figure holds on a busy machine, where back-to-back runs drift by more than 3 %.
 - `alternate`: one proxy at a time, off and on in turn (the first of a pair alternating).
 
-    bench/tracing.py                          # 7 paired rounds of 5 s per case (~2 minutes)
-    bench/tracing.py --method alternate --rounds 5 --cases first --json out.json
+Then, in this process, the hooks themselves are timed on their unsampled path against the
+calls they wrap (the middleware, a store call, an upstream call): CPU that does not depend on
+what else the machine runs, added up per protected first attempt.
+
+    .venv/bin/python bench/tracing.py         # 7 paired rounds of 5 s per case (~2 minutes)
+    .venv/bin/python bench/tracing.py --method alternate --rounds 5 --cases first --json out.json
 
 It needs wrk and nginx (bench/run installs them) and the otel extra in the Python running it.
 """
@@ -21,6 +25,7 @@ It needs wrk and nginx (bench/run installs them) and the otel extra in the Pytho
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -30,11 +35,22 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import services
 import wrk
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 from services import BENCH_DIR, REPO_DIR, Server
+from yarl import URL
+
+from proxy.config import TracingConfig
+from proxy.store.base import Acquired, Decision, Outcome, StoredResponse
+from proxy.tracing import TracedUpstream, Tracing
+from proxy.upstream import Answer, UpstreamClient
 
 TARGET = 0.03  # at most 3 % lower throughput with tracing on at sampling 0
 CASES = {
@@ -83,6 +99,12 @@ class Results:
     def median(self, case: str, mode: str, what: str) -> float:
         return statistics.median(getattr(s, what) for s in self.samples[(case, mode)])
 
+    def ratio(self, case: str, what: str) -> float:
+        """The median over rounds of on / off within a round: drift between rounds cancels."""
+        off, on = (self.samples[(case, mode)] for mode in MODES)
+        pairs = zip(off, on, strict=True)
+        return statistics.median(getattr(b, what) / getattr(a, what) for a, b in pairs)
+
 
 def measure(proxies: dict[str, Server], path: str, args: argparse.Namespace, tag: str,
             load_cpus: str | None) -> dict[str, Sample]:  # fmt: skip
@@ -123,14 +145,12 @@ def report(results: Results, cases: list[str], rounds: int) -> list[str]:
             )
     lines.append("")
     for case in cases:
-        off, on = (results.median(case, m, "rps") for m in MODES)
-        cpu_off, cpu_on = (results.median(case, m, "cpu_us") for m in MODES)
-        cost = 1 - on / off
+        cost = 1 - results.ratio(case, "rps")
         verdict = "PASS" if cost <= TARGET else "MISS"
         lines.append(
             f"{verdict}  {case}: tracing on at sampling 0 has {cost:+.1%} lower throughput "
-            f"({on:,.0f} vs {off:,.0f} req/s, median of {rounds}); proxy CPU "
-            f"{cpu_on:.1f} vs {cpu_off:.1f} us/req ({cpu_on / cpu_off - 1:+.1%})"
+            f"and {results.ratio(case, 'cpu_us') - 1:+.1%} CPU per request (median over "
+            f"{rounds} rounds of on / off in the same round)"
         )
     return lines
 
@@ -138,8 +158,8 @@ def report(results: Results, cases: list[str], rounds: int) -> list[str]:
 def run_round(proxies: dict[str, Server], case: str, index: int, args: argparse.Namespace,
               load_cpus: str | None, results: Results) -> None:  # fmt: skip
     tag = f"t{os.getpid()}{int(time.time() * 1000) % 10**8}{case}{index}"
-    if args.method == "paired":
-        groups = [list(MODES)]
+    if args.method == "paired":  # which load starts first alternates too
+        groups = [list(MODES if index % 2 == 0 else MODES[::-1])]
     else:  # alternate which goes first, so neither always runs on a warmer machine
         groups = [[mode] for mode in (MODES if index % 2 == 0 else MODES[::-1])]
     for group in groups:
@@ -149,6 +169,82 @@ def run_round(proxies: dict[str, Server], case: str, index: int, args: argparse.
             print(f"{case} {mode} round {index + 1}: {sample.rps:,.0f} req/s, "
                   f"{sample.cpu_us:.1f} us CPU/req, {sample.errors} errors",
                   file=sys.stderr, flush=True)  # fmt: skip
+
+
+# --- the hooks alone, in this process ----------------------------------------------------
+
+
+class _NoStore:
+    """A store that answers at once: what is left to time is the wrapper around it."""
+
+    async def begin(self, key: str, fingerprint: str, *, lease: float, ttl: float,
+                    takeover: bool) -> Decision:  # fmt: skip
+        return Acquired("token")
+
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+        return True
+
+
+class _NoUpstream(UpstreamClient):
+    """An upstream client whose `fetch` answers at once (under `TracedUpstream`, by MRO)."""
+
+    async def fetch(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes, *,
+                    deadline: float, upstream_timeout: float, limit: int) -> Answer:  # fmt: skip
+        return None  # type: ignore[return-value]  # nobody reads it
+
+
+class _TracedNoUpstream(TracedUpstream, _NoUpstream):
+    pass
+
+
+async def _added(bare: Any, wrapped: Any, calls: int, passes: int = 7) -> float:
+    """CPU microseconds `await wrapped()` takes more than `await bare()`: the fastest of
+    `passes` alternating passes of each, so that a pass the scheduler slowed does not count."""
+    best = {bare: float("inf"), wrapped: float("inf")}
+    for _ in range(passes):
+        for make in best:
+            started = time.process_time()
+            for _ in range(calls):
+                await make()
+            best[make] = min(best[make], (time.process_time() - started) / calls * 1e6)
+    return best[wrapped] - best[bare]
+
+
+async def hook_costs(calls: int = 50_000) -> dict[str, float]:
+    """What each hook adds on an unsampled request, in CPU us: wrapped minus bare."""
+    config = TracingConfig(f"http://127.0.0.1:{services.free_port()}/v1/traces", sample_ratio=0)
+    tracing = Tracing(config)
+    request = make_mocked_request("POST", "/pay/orders", headers={"Idempotency-Key": "k"})
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    traced_handler = partial(tracing.trace, handler=handler)
+    bare_store, store = _NoStore(), tracing.store(_NoStore(), "memory")  # type: ignore[arg-type]
+    bare_upstream, upstream = _NoUpstream(1.0), _TracedNoUpstream(1.0, tracing.tracer,
+                                                                 tracing.propagator)  # fmt: skip
+    outcome = Outcome("response", StoredResponse(201, (), b""))
+    url, headers = URL("http://127.0.0.1:9/pay/orders"), CIMultiDict[str]()
+    pairs = {
+        # As `proxy.app.proxy_handler` composes it: one more partial in the chain.
+        "middleware": (lambda: handler(request), lambda: traced_handler(request)),
+        "store begin": (lambda: bare_store.begin("k", "f", lease=1, ttl=2, takeover=False),
+                        lambda: store.begin("k", "f", lease=1, ttl=2, takeover=False)),
+        "store complete": (lambda: bare_store.complete("k", "t", outcome, ttl=2),
+                           lambda: store.complete("k", "t", outcome, ttl=2)),
+        "upstream": tuple(
+            lambda client=client: client.fetch("POST", url, headers, b"", deadline=0,
+                                               upstream_timeout=1, limit=1)
+            for client in (bare_upstream, upstream)
+        ),
+    }  # fmt: skip
+    costs = {}
+    for name, (bare, wrapped) in pairs.items():
+        costs[name] = await _added(bare, wrapped, calls)
+    await bare_upstream.close()
+    await upstream.close()
+    await tracing.close()
+    return costs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -200,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.method}; {where}; log_level {args.log_level}; "
           f"1-minute load average at the end {load:.2f}\n")  # fmt: skip
     print("\n".join(report(results, args.cases, args.rounds)))
+    costs = asyncio.run(hook_costs())
+    total = sum(costs.values())
+    print("\nWhat the hooks add to an unsampled request (CPU, in this process, best of 7):")
+    print("; ".join(f"{name} {us:+.2f} us" for name, us in costs.items()))
+    print(f"a protected first attempt (all four): {total:+.2f} us", end="")
+    if "first" in args.cases:
+        cpu_off = results.median("first", "off", "cpu_us")
+        print(f", {total / cpu_off:.1%} of the {cpu_off:.0f} us it costs untraced here", end="")
+    print()
     if args.json is not None:
         raw = {f"{c}/{m}": [s.__dict__ for s in v] for (c, m), v in results.samples.items()}
         args.json.write_text(json.dumps(raw, indent=2))
