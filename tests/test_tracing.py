@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -29,11 +30,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
-from proxy.app import TRACING
+from proxy.app import PROXY, TRACING
 from proxy.config import ConfigError, describe, parse_config
 from proxy.keys import scope_of, storage_key
+from proxy.reload import reload_file
 from proxy.server import Running, serve
-from tests.conftest import ProxyFactory, RedisServer, Upstream, free_port, key, make_config
+from tests.conftest import (
+    ProxyFactory,
+    RedisServer,
+    Upstream,
+    free_port,
+    key,
+    make_config,
+    raw_config,
+)
 
 _REPO = Path(__file__).resolve().parent.parent
 SERVER, CLIENT = ProtoSpan.SPAN_KIND_SERVER, ProtoSpan.SPAN_KIND_CLIENT
@@ -358,3 +368,16 @@ def test_the_tracing_block_is_validated_and_its_secrets_masked() -> None:
         "tracing.headers: expected a non-empty string (the value is not shown)",
         "tracing.enabled: expected true or false, got 'yes'",
     ]
+
+
+async def test_a_reload_keeps_tracing_as_started_and_says_it_needs_a_restart(
+    start_proxy: ProxyFactory, upstream: Upstream, collector: Collector, tmp_path: Path
+) -> None:
+    """Tracing is set up at start: a file that turns it off is applied except for `tracing`."""
+    proxy = await start_proxy(tracing=tracing_config(collector))
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(raw_config(upstream.url, log_level="warning")))
+    reloaded = reload_file(proxy.app[PROXY], str(path))
+    assert reloaded.applied and reloaded.restart_required == ["tracing"]
+    assert proxy.app[PROXY].config.tracing == proxy.app[TRACING].config
+    assert proxy.app[PROXY].config.log_level == "warning"
