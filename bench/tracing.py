@@ -60,11 +60,12 @@ CASES = {
 MODES = ("off", "on-0")
 
 
-def start(tmp: Path, mode: str, upstream: Server, cpus: str | None, log_level: str) -> Server:
-    """One proxy process; `on-0` adds a tracing block that samples nothing."""
+def start(tmp: Path, mode: str, upstream: Server, cpus: str | None, log_level: str,
+          traced: bool) -> Server:  # fmt: skip
+    """One proxy process; `traced` adds a tracing block that samples nothing."""
     port, admin_port = services.free_port(), services.free_port()
     config = services.proxy_config(port, admin_port, upstream, "memory://", log_level)
-    if mode == "on-0":
+    if traced:
         sink = services.free_port()  # nothing listens there: at sampling 0 nothing is sent
         config += f"tracing: {{endpoint: 'http://127.0.0.1:{sink}', sample_ratio: 0}}\n"
     path = tmp / f"proxy-{mode}.yaml"
@@ -265,6 +266,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pin", choices=("on", "none"), default="on",
                         help="on: the proxies on CPU 0, wrk and nginx on the rest")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write every sample here")
+    parser.add_argument(
+        "--aa",
+        action="store_true",
+        help="A/A check: 'on-0' runs without tracing too (the rig's bias)",
+    )
     args = parser.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     if unknown := [c for c in args.cases if c not in CASES]:
@@ -282,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-tracing-") as directory:
         tmp = Path(directory)
         upstream = services.start_upstream(tmp, load_cpus, workers=1)
-        proxies = {mode: start(tmp, mode, upstream, hop_cpus, args.log_level) for mode in MODES}
+        proxies = {
+            mode: start(
+                tmp, mode, upstream, hop_cpus, args.log_level, mode == "on-0" and not args.aa
+            )
+            for mode in MODES
+        }
         try:
             for case in args.cases:
                 for index in range(args.rounds):

@@ -14,9 +14,11 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
+from proxy import tracing
 from proxy.app import PROXY, TRACING
 from proxy.config import ConfigError, describe, parse_config
 from proxy.keys import scope_of, storage_key
@@ -46,6 +49,7 @@ from tests.conftest import (
 )
 
 _REPO = Path(__file__).resolve().parent.parent
+HOOKS_FILE = tracing.__file__  # proxy/tracing.py
 SERVER, CLIENT = ProtoSpan.SPAN_KIND_SERVER, ProtoSpan.SPAN_KIND_CLIENT
 
 
@@ -274,6 +278,31 @@ async def test_spans_still_queued_are_exported_when_the_proxy_stops(
     assert {span.name for span in collector.spans} == {
         "POST all", "store begin", "POST", "store complete"
     }  # fmt: skip
+
+
+async def test_at_sampling_0_a_request_calls_nothing_of_opentelemetry(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession, collector: Collector
+) -> None:
+    """Unsampled requests take the hooks' short path: no OpenTelemetry code runs for them,
+    only the four hook functions, each of which hands on the call it wraps."""
+    proxy = await start_proxy(tracing=tracing_config(collector, sample_ratio=0))
+    assert await post(client, proxy, key("warm")) == 201
+    called: Counter[tuple[str, str]] = Counter()
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            called[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
+
+    sys.setprofile(profile)  # this thread only: the exporter's thread is not watched
+    try:
+        for index in range(10):
+            assert await post(client, proxy, key(f"untraced{index}")) == 201
+    finally:
+        sys.setprofile(None)
+    assert not [name for name in called if f"{os.sep}opentelemetry{os.sep}" in name[0]]
+    hooks = {name: count for (path, name), count in called.items() if path == HOOKS_FILE}
+    assert hooks == {"trace": 10, "begin": 10, "complete": 10, "fetch": 10}
+    assert collector.spans == []
 
 
 # --- off, and on without the extra -----------------------------------------------------
