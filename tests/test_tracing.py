@@ -267,6 +267,29 @@ async def test_an_unprotected_request_and_an_upstream_failure_are_traced(
     assert "store release" in tree  # the record was released: the retry may execute
 
 
+@pytest.mark.redis
+async def test_a_store_that_fails_marks_its_span_and_the_503_server_span(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession, upstream: Upstream,
+    collector: Collector, redis: RedisServer,
+) -> None:  # fmt: skip
+    """Redis down: the `store begin` span is an error naming the proxy's store error, the
+    server span's 503 an error, and no upstream span exists (the upstream was not called)."""
+    proxy = await start_proxy(store={"url": redis.url, "timeout": "200ms"},
+                              tracing=tracing_config(collector))  # fmt: skip
+    assert await post(client, proxy, key("warm")) == 201
+    redis.stop()
+    idem = key("down")
+    assert await post(client, proxy, idem) == 503
+    await exported(proxy, collector, lambda c: len(c.servers()) == 2 and len(c.spans) == 6)
+    [failed] = [span for span in collector.servers() if span.attributes[
+        "http.response.status_code"] == 503]  # fmt: skip
+    assert failed.error and failed.attributes["idempotency_proxy.outcome"] == "store_unavailable"
+    [begin] = [span for span in collector.trace(failed.trace_id) if span is not failed]
+    assert (begin.name, begin.parent_id, begin.error) == ("store begin", failed.span_id, True)
+    assert begin.attributes["error.type"] == "StoreUnavailable"
+    assert upstream.executions(idem) == 0
+
+
 async def test_spans_still_queued_are_exported_when_the_proxy_stops(
     upstream: Upstream, client: aiohttp.ClientSession, collector: Collector
 ) -> None:
