@@ -9,6 +9,7 @@ A refused value is quoted through `proxy.masking`, so no message carries a passw
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -34,6 +35,11 @@ DEFAULT_SHUTDOWN_GRACE = 30.0
 DEFAULT_BODY_READ_TIMEOUT = 30.0
 # Below the idle timeout of common upstream servers (gunicorn's 2 s is the shortest).
 DEFAULT_UPSTREAM_KEEPALIVE = 1.0
+DEFAULT_TRACING_ENDPOINT = "http://127.0.0.1:4318/v1/traces"  # an OTLP/HTTP collector beside us
+DEFAULT_TRACING_SERVICE = "idempotency-proxy"
+# What `tracing:` needs installed, and how to install it.
+TRACING_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+TRACING_EXTRA = "pip install 'idempotency-proxy[otel]'"
 
 ENV_STORE_URL = "IDEMPOTENCY_PROXY_STORE_URL"
 ENV_LISTEN = "IDEMPOTENCY_PROXY_LISTEN"
@@ -127,6 +133,16 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces, exported over OTLP/HTTP; present only when tracing is on."""
+
+    endpoint: str = DEFAULT_TRACING_ENDPOINT
+    service_name: str = DEFAULT_TRACING_SERVICE
+    sample_ratio: float = 1.0  # for requests without a parent; a parent's decision is followed
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every export (values are secrets)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[str, int]
     admin_listen: tuple[str, int]
@@ -139,6 +155,7 @@ class Config:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT
     upstream_keepalive_timeout: float = DEFAULT_UPSTREAM_KEEPALIVE
+    tracing: TracingConfig | None = None  # None: off, and OpenTelemetry is never imported
     source: str = field(default="<defaults>", compare=False)
 
 
@@ -322,6 +339,30 @@ def _count(value: object) -> int:
     return value
 
 
+def _ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {show_value(value)}")
+    return float(value)
+
+
+def parse_tracing_endpoint(value: object) -> str:
+    """The OTLP/HTTP URL spans are posted to; a bare `http://host:4318` gets `/v1/traces`."""
+    text = str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {quote_url(text)}")
+    if parts.path in ("", "/"):
+        return text.rstrip("/") + "/v1/traces"
+    return text
+
+
+def _export_headers(value: object) -> tuple[tuple[str, str], ...]:
+    """Header name -> value, sent with every export: the values are credentials, never shown."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of header names to values (values are not shown)")
+    return tuple((_header_name(name), _secret(item)) for name, item in value.items())
+
+
 # Field name in YAML -> parser. The same table drives `defaults` and each route.
 _POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
     "methods": _methods,
@@ -363,12 +404,19 @@ _TOP_FIELDS: dict[str, Callable[[object], Any]] = {
     "shutdown_grace": parse_duration,
     "body_read_timeout": parse_duration,
 }
+_TRACING_FIELDS: dict[str, Callable[[object], Any]] = {
+    "enabled": _bool,
+    "endpoint": parse_tracing_endpoint,
+    "service_name": _text,
+    "sample_ratio": _ratio,
+    "headers": _export_headers,
+}
 # `upstream:` is a URL, or a mapping with the URL and the settings of the connection pool.
 _UPSTREAM_FIELDS: dict[str, Callable[[object], Any]] = {
     "url": parse_upstream,
     "keepalive_timeout": parse_duration,
 }
-_SECTIONS = ("store", "defaults", "routes", "upstream")
+_SECTIONS = ("store", "defaults", "routes", "upstream", "tracing")
 
 
 class _Collector:
@@ -443,6 +491,7 @@ def parse_config(
         "defaults", raw_defaults, _POLICY_FIELDS, extra=("fingerprint",)
     )
     default_fields["fingerprint"] = collector.fingerprint("defaults", raw_defaults, RAW_FINGERPRINT)
+    tracing = _tracing_section(collector, mapping)
     _apply_environment(collector, env, top, store_fields)
 
     upstream = upstream_fields.get("url", DEFAULT_UPSTREAM)
@@ -465,6 +514,7 @@ def parse_config(
         upstream_keepalive_timeout=upstream_fields.get(
             "keepalive_timeout", DEFAULT_UPSTREAM_KEEPALIVE
         ),
+        tracing=tracing,
         source=source,
     )
 
@@ -480,6 +530,28 @@ def _upstream_section(collector: _Collector, raw: object) -> dict[str, Any]:
     if "url" not in raw:
         collector.problems.append("upstream.url: required")
     return fields
+
+
+def _tracing_section(collector: _Collector, mapping: dict[Any, Any]) -> TracingConfig | None:
+    """A `tracing:` block turns tracing on (unless `enabled: false`); it needs the extra."""
+    if "tracing" not in mapping:
+        return None
+    fields = collector.section("tracing", mapping["tracing"], _TRACING_FIELDS)
+    if not fields.pop("enabled", True):
+        return None
+    if not all(_installed(module) for module in TRACING_MODULES):
+        collector.problems.append(
+            f"tracing: OpenTelemetry is not installed; install the extra: {TRACING_EXTRA}"
+        )
+    return TracingConfig(**fields)
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (its parent packages are imported to find out)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _apply_environment(collector: _Collector, env: Mapping[str, str], top: dict[str, Any],
@@ -606,6 +678,18 @@ def describe(config: Config) -> dict[str, Any]:
         },
         "admin_token": "***" if config.admin_token else None,
         "routes": [_describe_route(r) for r in config.routes],
+        "tracing": _describe_tracing(config.tracing),
+    }
+
+
+def _describe_tracing(tracing: TracingConfig | None) -> dict[str, Any] | None:
+    if tracing is None:
+        return None
+    return {
+        "endpoint": redact_url(tracing.endpoint),
+        "service_name": tracing.service_name,
+        "sample_ratio": tracing.sample_ratio,
+        "headers": {name: "***" for name, _ in tracing.headers},
     }
 
 

@@ -15,8 +15,9 @@ from proxy import logs, metrics
 from proxy.config import ConfigError, describe, load_config
 from proxy.flow import Proxy
 
-# Bound to resources opened at start (sockets, the store client): a reload cannot move them.
-_RESTART_FIELDS = ("listen", "admin_listen")
+# Bound to resources opened at start (sockets, the store client, the tracer provider): a
+# reload cannot move them.
+_RESTART_FIELDS = ("listen", "admin_listen", "tracing")
 _RESTART_STORE_FIELDS = ("url", "timeout", "max_records", "max_bytes")
 
 
@@ -34,8 +35,8 @@ def reload_file(proxy: Proxy, config_path: str, apply: bool = True) -> Reloaded:
     """Re-read the config file; keep the running config if the new one is invalid.
 
     Routes, defaults, the admin token, the log level and the rest apply at once, without
-    dropping a connection. Listen addresses and the store connection keep their running
-    values until a restart; `restart_required` names the ones the file changed. With
+    dropping a connection. Listen addresses, the store connection and tracing keep their
+    running values until a restart; `restart_required` names the ones the file changed. With
     `apply=False` the file is only validated (a worker checks before signalling the others).
     """
     try:
@@ -51,7 +52,7 @@ def reload_file(proxy: Proxy, config_path: str, apply: bool = True) -> Reloaded:
                 if getattr(config.store, name) != getattr(running.store, name)]  # fmt: skip
     kept = {name: getattr(running.store, name) for name in _RESTART_STORE_FIELDS}
     effective = replace(config, listen=running.listen, admin_listen=running.admin_listen,
-                        store=replace(config.store, **kept))  # fmt: skip
+                        tracing=running.tracing, store=replace(config.store, **kept))  # fmt: skip
     routes = [route.id for route in effective.routes]
     if not apply:
         return Reloaded(applied=False, routes=routes, restart_required=restart)

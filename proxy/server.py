@@ -128,7 +128,7 @@ async def serve(
     # handler_cancellation off: a client that disconnects must not cancel the upstream
     # exchange of a first attempt; it completes and is recorded for the retry.
     in_flight = InFlight()
-    server = web.Server(in_flight.track(proxy_handler(app[PROXY])),
+    server = web.Server(in_flight.track(proxy_handler(app)),
                         handler_cancellation=False, access_log=None)  # fmt: skip
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_UNWIND)
     try:

@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.server",),
     ("proxy.admin",),
     ("proxy.app", "proxy.reload"),
-    ("proxy.flow",),
+    ("proxy.flow", "proxy.tracing"),
     ("proxy.owner", "proxy.exchange", "proxy.bodies"),
     ("proxy.leases", "proxy.targets", "proxy.contract"),
     ("proxy.routing", "proxy.upstream", "proxy.store"),

@@ -69,8 +69,8 @@ async def test_min_replicas_ack_waits_for_a_replica_and_withdraws_without_one(
     with the replica gone, the begin fails (503, upstream not called), its record is
     withdrawn, and /readyz answers 503 until the replica is back."""
     primary, replica = primary_and_replica
-    # WAIT gets half the store timeout: 500 ms for a replica on a busy machine to answer.
-    proxy = await start_proxy(store={"url": primary.url, "timeout": "1s",
+    # WAIT gets half the store timeout: 1 s for a replica on a busy machine to answer.
+    proxy = await start_proxy(store={"url": primary.url, "timeout": "2s",
                                      "min_replicas_ack": 1})  # fmt: skip
     k = key("acked")
     assert await post(client, proxy.url, k) == 201
