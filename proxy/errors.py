@@ -10,6 +10,7 @@ with `raise ... from exc`; the rest of the code only ever catches these.
     │   ├── InvalidTarget           400     invalid-target       (not origin- or absolute-form)
     │   ├── UnsupportedMethod       501     method-not-implemented (CONNECT: no tunnels)
     │   ├── UnsupportedTransferCoding 501   transfer-coding-not-implemented (only chunked)
+    │   ├── UnsupportedVersion      505     (connection closed: not HTTP/1.x, no answer it reads)
     │   ├── MissingKey              400     missing-key
     │   ├── InvalidKey              400     invalid-key
     │   ├── BodyTimeout             408     body-timeout
@@ -60,6 +61,8 @@ class ProxyError(Exception):
     public: ClassVar[str | None] = None
     # The request's framing cannot be trusted: answer, then close the connection.
     close_connection: ClassVar[bool] = False
+    # False when the client could not read an answer at all: the connection is just closed.
+    answerable: ClassVar[bool] = True
 
     def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -123,6 +126,19 @@ class UnsupportedTransferCoding(RequestError):
     slug = "transfer-coding-not-implemented"
     title = "Transfer coding not implemented"
     close_connection = True
+
+
+class UnsupportedVersion(RequestError):
+    """HTTP/0.9 or a textual HTTP/2.0 request: the client could not read an HTTP/1.x answer,
+    and aiohttp would write its status line in the client's version. The connection is
+    closed without one; the 505 is what the access log records."""
+
+    status = 505
+    outcome = RequestOutcome.BAD_REQUEST
+    slug = "http-version-not-supported"
+    title = "HTTP version not supported"
+    close_connection = True
+    answerable = False
 
 
 class MissingKey(RequestError):

@@ -127,6 +127,9 @@ async def render_problems(
         exchange.outcome = exc.outcome
         if exc.public is not None:
             exchange.error = exc.detail
+        if not exc.answerable and request.transport is not None:
+            request.transport.close()
+            exchange.error = exc.detail
         return exc.render(exchange.request_id)
 
 

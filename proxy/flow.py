@@ -191,6 +191,9 @@ class Proxy:
             stored = StoredResponse(status, tuple(headers), content)
             ex.settle = partial(self.record, owner, Outcome("response", stored), ex)
             return make_response(stored.status, stored.headers, stored.body)
+        except BaseException:
+            owner.abandon()  # not accounted for (a bug, or shutdown): the lease lapses
+            raise
         ex.upstream_status = reply.status
         ex.upstream_seconds = time.perf_counter() - started
         if reply.status in route.release_statuses:

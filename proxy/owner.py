@@ -40,8 +40,8 @@ class Settled(Enum):
 class Owner:
     """The in-flight record of one key, owned with `token`; settle it exactly once."""
 
-    __slots__ = ("_held", "_leases", "_store", "lease", "record", "route", "token", "tombstone",
-                 "ttl")  # fmt: skip
+    __slots__ = ("_held", "_leases", "_settled", "_store", "lease", "record", "route", "token",
+                 "tombstone", "ttl")  # fmt: skip
 
     def __init__(self, store: Store, leases: Leases, record: RecordKey, token: str, *,
                  lease: float, ttl: float, route: str, tombstone: float = 0.0) -> None:  # fmt: skip
@@ -54,6 +54,7 @@ class Owner:
         self.tombstone = tombstone
         self.route = route
         self._held = leases.hold(record, token, lease)
+        self._settled = False
         metrics.IN_FLIGHT_RECORDS.inc()
 
     async def complete(self, outcome: Outcome) -> Settled:
@@ -86,6 +87,9 @@ class Owner:
             logs.event(failed, route=self.route, key_hash=self.record.hash, error=exc.detail)
             spawn(self._keep_trying(call, what), "store-retry")
             return Settled.LATER
+        except BaseException:
+            self.abandon()  # cancelled (shutdown): the lease lapses, nobody renews it
+            raise
         self._finish()
         return Settled.DONE if done or what == "release" else Settled.FENCED
 
@@ -119,6 +123,14 @@ class Owner:
             message = "result not recorded: the record was taken over (fenced out)"
         logs.event(message, route=self.route, key_hash=self.record.hash)
 
+    def abandon(self) -> None:
+        """Stop renewing without settling: the lease lapses as if this proxy had died, and the
+        next retry meets "outcome unknown" (or takes the key over). For what the proxy cannot
+        account for, such as an error it did not expect mid-exchange."""
+        self._finish()
+
     def _finish(self) -> None:
-        self._leases.drop(self._held)
-        metrics.IN_FLIGHT_RECORDS.dec()
+        if not self._settled:
+            self._settled = True
+            self._leases.drop(self._held)
+            metrics.IN_FLIGHT_RECORDS.dec()

@@ -14,7 +14,12 @@ import functools
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import InvalidTarget, UnsupportedMethod, UnsupportedTransferCoding
+from proxy.errors import (
+    InvalidTarget,
+    UnsupportedMethod,
+    UnsupportedTransferCoding,
+    UnsupportedVersion,
+)
 
 
 def check_framing(request: web.BaseRequest) -> None:
@@ -23,8 +28,11 @@ def check_framing(request: web.BaseRequest) -> None:
     `CONNECT` asks for a tunnel, which the proxy never opens. A transfer coding other than
     `chunked` would reach the upstream decoded by one layer only (aiohttp's parser drops
     `gzip` from `gzip, chunked`), so the upstream would take compressed bytes for the body;
-    RFC 9112 6.1 asks a server to answer 501 and close the connection.
+    RFC 9112 6.1 asks a server to answer 501 and close the connection. A request that is not
+    HTTP/1.x (aiohttp parses HTTP/0.9 and a textual HTTP/2.0) is never forwarded.
     """
+    if request.version.major != 1:
+        raise UnsupportedVersion(f"HTTP/{request.version.major}.{request.version.minor} request")
     if request.method == "CONNECT":
         raise UnsupportedMethod("the proxy forwards requests; it does not open tunnels")
     codings = request.headers.getall("Transfer-Encoding", ())

@@ -28,6 +28,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.masking import redact_urls_in
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -180,7 +181,8 @@ class UpstreamClient:
         try:
             async with asyncio.timeout_at(deadline):
                 response = await self._session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False,
+                    method, with_credentials(url, headers), headers=headers, data=body,
+                    allow_redirects=False,
                     timeout=connect_timeout(upstream_timeout),
                 )  # fmt: skip
                 content, complete = await read_bounded(response, limit)
@@ -199,8 +201,8 @@ class UpstreamClient:
         in: the body is then streamed with `Answer.chunks`, each read bounded by `idle`."""
         try:
             response = await self._session.request(
-                method, url, headers=headers, data=data, allow_redirects=False,
-                timeout=idle_timeout(idle),
+                method, with_credentials(url, headers), headers=headers, data=data,
+                allow_redirects=False, timeout=idle_timeout(idle),
             )  # fmt: skip
         except _UPSTREAM_ERRORS as exc:
             if isinstance(exc.__cause__, ProxyError):  # the client's body failed, not the upstream
@@ -223,10 +225,24 @@ def translate(exc: BaseException, url: URL) -> UpstreamError:
         return UpstreamTimeout(
             "the upstream did not answer within upstream_timeout; it may have acted on it"
         )
+    # aiohttp's messages can quote the request URL (with the upstream's credentials) and its
+    # headers: the log line gets the kind of failure and a masked message, never the repr.
+    message = redact_urls_in(str(exc))[:200]
     return UpstreamDisconnected(
-        f"the upstream broke off the exchange after the request was sent ({exc!r}); "
-        "it may have acted on it"
+        f"the upstream broke off the exchange after the request was sent "
+        f"({type(exc).__name__}: {message}); it may have acted on it"
     )
+
+
+def with_credentials(url: URL, headers: CIMultiDict[str]) -> URL:
+    """Move an upstream URL's userinfo into `Authorization: Basic`, unless the client sent an
+    `Authorization` of its own, which is then forwarded as it is (the upstream authenticates
+    the tenant). aiohttp refuses a request that has both, with an error of its own."""
+    if url.raw_user is None:
+        return url
+    if "Authorization" not in headers:
+        headers["Authorization"] = aiohttp.encode_basic_auth(url.user or "", url.password or "")
+    return url.with_user(None)
 
 
 @functools.lru_cache(maxsize=256)

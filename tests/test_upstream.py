@@ -4,6 +4,7 @@ over real sockets, which request targets reach the upstream and what of its answ
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
-from proxy.upstream import request_headers, response_headers, sendable
+from proxy.upstream import request_headers, response_headers, sendable, translate
 from tests.conftest import ProxyFactory, Upstream, free_port, key
 from tests.test_hostile_input import exchange, request
 
@@ -228,3 +230,47 @@ async def test_requests_spaced_around_the_upstream_idle_timeout_are_never_outcom
         await runner.cleanup()
     assert statuses == [201, 201, 201, 201]
     assert executions == 4
+
+
+async def test_upstream_credentials_and_a_clients_authorization_do_not_collide(
+    start_proxy: ProxyFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """An upstream URL with credentials sends them as Basic auth, unless the client sent an
+    Authorization of its own (the tenant's), which is forwarded as it is: never a 500."""
+    host_port = upstream.url.removeprefix("http://")
+    proxy = await start_proxy(upstream=f"http://svc:s3cret@{host_port}")
+    tenant = {"Authorization": "Bearer tenant-a"}
+    for headers in (tenant, {}):
+        for idem in (key("auth"), None):  # protected, and passed through
+            sent = dict(headers) | ({"Idempotency-Key": idem} if idem else {})
+            async with client.post(proxy.url + "/v1/pay", data=b"{}", headers=sent) as response:
+                assert response.status == 201
+    seen = [h.get("Authorization") for h in upstream.headers]
+    basic = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+    assert seen == ["Bearer tenant-a", "Bearer tenant-a", basic, basic]
+
+
+async def test_requests_that_are_not_http_1_are_closed_unanswered(
+    start_proxy: ProxyFactory, upstream: Upstream
+) -> None:
+    """HTTP/0.9 and a textual HTTP/2.0 request could not read an HTTP/1.x answer: the
+    connection is closed without one, and nothing is forwarded."""
+    proxy = await start_proxy()
+    for data in (b"GET /v1/x\r\n\r\n", b"GET /v1/x HTTP/2.0\r\nHost: a\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(data)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert upstream.serial == 0
+
+
+def test_an_upstream_error_detail_quotes_no_credentials() -> None:
+    """aiohttp's errors can quote the request URL and headers; the detail that reaches the
+    log masks the URL's password and leaves the headers out."""
+    url = URL("http://svc:s3cret@127.0.0.1:9/pay")
+    info = aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict(
+        {"Authorization": "Basic c3ZjOnMzY3JldA=="})), url)  # fmt: skip
+    error = translate(aiohttp.ClientResponseError(info, (), status=400, message="bad"), url)
+    assert "s3cret" not in error.detail and "c3ZjOnMzY3JldA" not in error.detail
+    assert "ClientResponseError" in error.detail

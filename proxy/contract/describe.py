@@ -38,6 +38,7 @@ from proxy.errors import (
     StoreUnavailable,
     UnsupportedMethod,
     UnsupportedTransferCoding,
+    UnsupportedVersion,
     UpstreamDisconnected,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -246,6 +247,7 @@ NOT_PER_OPERATION: tuple[type[ProxyError], ...] = (
     InvalidTarget,
     UnsupportedMethod,
     UnsupportedTransferCoding,
+    UnsupportedVersion,
 )
 # Answers that carry Retry-After.
 RETRY_AFTER_SLUGS = frozenset({KeyInUse.slug, StoreUnavailable.slug})
