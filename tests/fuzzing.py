@@ -43,17 +43,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.conftest import RedisServer, free_port
 from tests.proxy_process import ProxyProcess, start_process, stop_process
 
 T = TypeVar("T")
 
+# Hypothesis caches what it learns from our source; never in the repository (and with no
+# example database at all: see FUZZ_SETTINGS).
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "idempotency-proxy-hypothesis")
+
 # Every answer must be complete within this: the proxy is configured with a 300 ms body
-# read timeout and a 1 s upstream timeout, so a case that takes longer hangs.
-ANSWER_TIMEOUT = 2.5
+# read timeout and a 1 s upstream timeout, so a case that takes longer hangs. Only a case
+# that hangs waits this long, so it is generous, for a loaded machine.
+ANSWER_TIMEOUT = 5.0
 # A key the case left locked is still locked after this (the lease is 10 s).
-SETTLE_TIMEOUT = 2.0
+SETTLE_TIMEOUT = 5.0
 UPSTREAM_USER = "svc-fuzz"
 UPSTREAM_SECRET = "upstream-secret-" + os.urandom(6).hex()
 STORE_SECRET = "store-secret-" + os.urandom(6).hex()
