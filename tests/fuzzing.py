@@ -57,7 +57,7 @@ set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "idempotency-proxy-hypothe
 # Every answer must be complete within this: the proxy is configured with a 300 ms body
 # read timeout and a 1 s upstream timeout, so a case that takes longer hangs. Only a case
 # that hangs waits this long, so it is generous, for a loaded machine.
-ANSWER_TIMEOUT = 5.0
+ANSWER_TIMEOUT = 3.0
 # A key the case left locked is still locked after this (the lease is 10 s).
 SETTLE_TIMEOUT = 5.0
 UPSTREAM_USER = "svc-fuzz"
@@ -153,9 +153,14 @@ def _body(data: bytes, position: int, status: int, headers: list[tuple[bytes, by
           head: bool) -> tuple[bytes, int] | None:  # fmt: skip
     """The body at `position` and where it ends; None if it is incomplete."""
     names = [name.lower() for name, _ in headers]
-    if status < 200 or status in (204, 304) or head:
-        return b"", position
     lengths = [value for name, value in headers if name.lower() == b"content-length"]
+    if head:  # no body, unless the server did not take the request as HEAD (a parse error)
+        rest = data[position:]
+        if lengths and lengths[0].isdigit() and int(lengths[0]) == len(rest) > 0:
+            return rest, len(data)
+        return b"", position
+    if status < 200 or status in (204, 304):
+        return b"", position
     if b"transfer-encoding" in names:
         if lengths:
             raise Malformed("both Content-Length and Transfer-Encoding in a response")
@@ -362,6 +367,10 @@ class Fuzzer:
                          "{canary6}": Canary("::1")}  # fmt: skip
         self.process: ProxyProcess | None = None
         self.port = self.admin_port = 0
+        # A second proxy whose store never answers (nothing listens on its port), started
+        # when a property first needs it: what it says about its store must not leak either.
+        self.dead_store_port = free_port()
+        self.storeless: ProxyProcess | None = None
         self.restarts = 0
         self.cases = 0
 
@@ -371,17 +380,29 @@ class Fuzzer:
         self._start_proxy()
 
     def _start_proxy(self) -> None:
+        self.process = self._start(self.redis.url)
+        self.port = _port(self.process.url)
+        self.admin_port = _port(self.process.admin_url)
+
+    def _start(self, store_url: str) -> ProxyProcess:
         upstream = f"http://{UPSTREAM_USER}:{UPSTREAM_SECRET}@127.0.0.1:{self.upstream.port}"
-        self.process = self.world.call(start_process(
-            self.directory, upstream, store={"url": self.redis.url}, body_read_timeout="300ms",
+        return self.world.call(start_process(
+            self.directory, upstream, store={"url": store_url}, body_read_timeout="300ms",
             routes=[{"path": "/*", "id": "all", "upstream_timeout": "1s"}],
         ))  # fmt: skip
-        self.port = int(self.process.url.rsplit(":", 1)[1])
-        self.admin_port = int(self.process.admin_url.rsplit(":", 1)[1])
+
+    def storeless_port(self) -> int:
+        """The port of the proxy whose store is down (started now if it is not running)."""
+        if self.storeless is None or self.storeless.process.poll() is not None:
+            self.restarts += self.storeless is not None
+            dead = f"redis://:{STORE_SECRET}@127.0.0.1:{self.dead_store_port}/0"
+            self.storeless = self._start(dead)
+        return _port(self.storeless.url)
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.world.call(stop_process(self.process))
+        for process in (self.process, self.storeless):
+            if process is not None:
+                self.world.call(stop_process(process))
         for listener in (self.upstream, *self.canaries.values()):
             self.world.call(listener.stop())
 
@@ -400,7 +421,8 @@ class Fuzzer:
         """What no answer may contain (unless the request itself carried it)."""
         basic = base64.b64encode(f"{UPSTREAM_USER}:{UPSTREAM_SECRET}".encode())
         return [UPSTREAM_SECRET.encode(), STORE_SECRET.encode(), basic,
-                b"127.0.0.1:%d" % self.upstream.port, b"127.0.0.1:%d" % self.redis.port,
+                *(b"127.0.0.1:%d" % port
+                  for port in (self.upstream.port, self.redis.port, self.dead_store_port)),
                 *INTERNAL_WORDS]  # fmt: skip
 
     # --- one case --------------------------------------------------------------------
@@ -418,13 +440,15 @@ class Fuzzer:
         return Snapshot(len(self.upstream.seen),
                         {name: len(c.heads) for name, c in self.canaries.items()})  # fmt: skip
 
-    def exchange(self, data: bytes, head: bool = False,
+    def exchange(self, data: bytes, head: bool = False, port: int | None = None,
                  timeout: float = ANSWER_TIMEOUT) -> Received:  # fmt: skip
-        """Write `data` on a new connection; read until the proxy closes it or has sent a
-        final response (after which aiohttp may linger, reading what is left of the body)."""
+        """Write `data` on a new connection (to the proxy, unless `port`); read until the
+        proxy closes it or has sent a final response (after which aiohttp may linger,
+        reading what is left of the body)."""
         received = b""
         deadline = time.monotonic() + timeout
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+        address = ("127.0.0.1", port or self.port)
+        with socket.create_connection(address, timeout=timeout) as sock:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(data)  # the proxy may refuse (and close) before reading it all
             while (remaining := deadline - time.monotonic()) > 0:
@@ -500,6 +524,10 @@ class Fuzzer:
                    b"Connection: close\r\n\r\n{}")  # fmt: skip
         responses, _ = parse_responses(self.exchange(request).data)
         return responses[0].status if responses else 0
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 @dataclass
