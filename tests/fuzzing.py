@@ -372,7 +372,6 @@ class Fuzzer:
         self.dead_store_port = free_port()
         self.storeless: ProxyProcess | None = None
         self.restarts = 0
-        self.cases = 0
 
     def start(self) -> None:
         for listener in (self.upstream, *self.canaries.values()):
@@ -430,7 +429,6 @@ class Fuzzer:
     def begin_case(self) -> Snapshot:
         """A fresh store and a live proxy for the next case (a case that killed the proxy
         has failed already; the next starts from a new process)."""
-        self.cases += 1
         assert self.process is not None
         if self.process.process.poll() is not None:
             self.restarts += 1
