@@ -426,14 +426,19 @@ UPSTREAM_FIELD_VALUES = st.lists(
     max_size=5,
 ).map(b"".join)  # fmt: skip
 
+# The default scope header: none, a tenant's usual value, or any bytes.
+AUTHORIZATIONS = st.one_of(
+    st.none(), st.sampled_from([b"Bearer tenant-a", b"Basic dGVuYW50OmI=", b""]), VALUES
+)
+
 Property = tuple[st.SearchStrategy[Any], Callable[[Fuzzer, Any], None]]
 PROPERTIES: dict[str, Property] = {
     "reach": (st.tuples(REQUEST_LINES, st.booleans()), check_reach),
     "targets": (st.tuples(REQUEST_LINES, st.booleans()), check_targets),
     "fields": (st.tuples(st.one_of(st.none(), VALUES), field_lists(), st.booleans()),
                check_fields),
-    "keys": (st.tuples(st.lists(keys(), min_size=1, max_size=3).map(tuple),
-                       st.one_of(st.none(), VALUES)), check_keys),
+    "keys": (st.tuples(st.lists(keys(), min_size=1, max_size=3).map(tuple), AUTHORIZATIONS),
+             check_keys),
     "framing": (st.tuples(st.sampled_from([b"POST", b"PATCH", b"PUT"]), framings()),
                 check_framing),
     "store_down": (st.tuples(st.lists(keys(), min_size=1, max_size=2).map(tuple),

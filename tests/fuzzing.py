@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
+from hypothesis.internal.conjecture import engine
 
 from tests.conftest import RedisServer, free_port
 from tests.proxy_process import ProxyProcess, start_process, stop_process
@@ -53,11 +54,15 @@ T = TypeVar("T")
 # Hypothesis caches what it learns from our source; never in the repository (and with no
 # example database at all: see FUZZ_SETTINGS).
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "idempotency-proxy-hypothesis")
+# Shrinking a case that hangs costs ANSWER_TIMEOUT per step; hypothesis would go on for five
+# minutes. A shorter search still ends on a small example, and within the test's timeout.
+engine.MAX_SHRINKING_SECONDS = 30
 
-# Every answer must be complete within this: the proxy is configured with a 300 ms body
-# read timeout and a 1 s upstream timeout, so a case that takes longer hangs. Only a case
-# that hangs waits this long, so it is generous, for a loaded machine.
-ANSWER_TIMEOUT = 3.0
+# Every answer must be complete within this: the proxy is configured with a 100 ms body
+# read timeout and a 1 s upstream timeout (and neither the upstream nor a canary ever makes
+# it wait), so a case that takes longer hangs. Each hanging case, and each step of shrinking
+# one, waits this long: generous for a loaded machine, short enough to shrink a hang.
+ANSWER_TIMEOUT = 2.0
 # A key the case left locked is still locked after this (the lease is 10 s).
 SETTLE_TIMEOUT = 5.0
 UPSTREAM_USER = "svc-fuzz"
@@ -366,9 +371,8 @@ class Fuzzer:
         self.canaries = {"{canary}": Canary("127.0.0.1"), "{canary2}": Canary("127.0.0.1"),
                          "{canary6}": Canary("::1")}  # fmt: skip
         self.process: ProxyProcess | None = None
-        self.port = self.admin_port = 0
-        # A second proxy whose store never answers (nothing listens on its port), started
-        # when a property first needs it: what it says about its store must not leak either.
+        # A second proxy whose store never answers (nothing listens on its port): what it
+        # says about its store must not leak either.
         self.dead_store_port = free_port()
         self.storeless: ProxyProcess | None = None
         self.restarts = 0
@@ -376,26 +380,38 @@ class Fuzzer:
     def start(self) -> None:
         for listener in (self.upstream, *self.canaries.values()):
             self.world.call(listener.start())
-        self._start_proxy()
+        self.process, self.storeless = self.world.call(self._start_both())
 
-    def _start_proxy(self) -> None:
-        self.process = self._start(self.redis.url)
-        self.port = _port(self.process.url)
-        self.admin_port = _port(self.process.admin_url)
+    async def _start_both(self) -> list[ProxyProcess]:
+        return await asyncio.gather(self._start(self.redis.url), self._start(self.dead_store_url))
 
-    def _start(self, store_url: str) -> ProxyProcess:
+    @property
+    def dead_store_url(self) -> str:
+        return f"redis://:{STORE_SECRET}@127.0.0.1:{self.dead_store_port}/0"
+
+    async def _start(self, store_url: str) -> ProxyProcess:
         upstream = f"http://{UPSTREAM_USER}:{UPSTREAM_SECRET}@127.0.0.1:{self.upstream.port}"
-        return self.world.call(start_process(
-            self.directory, upstream, store={"url": store_url}, body_read_timeout="300ms",
+        return await start_process(
+            self.directory, upstream, store={"url": store_url}, body_read_timeout="100ms",
             routes=[{"path": "/*", "id": "all", "upstream_timeout": "1s"}],
-        ))  # fmt: skip
+        )  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        assert self.process is not None
+        return _port(self.process.url)
+
+    @property
+    def admin_port(self) -> int:
+        assert self.process is not None
+        return _port(self.process.admin_url)
 
     def storeless_port(self) -> int:
-        """The port of the proxy whose store is down (started now if it is not running)."""
-        if self.storeless is None or self.storeless.process.poll() is not None:
-            self.restarts += self.storeless is not None
-            dead = f"redis://:{STORE_SECRET}@127.0.0.1:{self.dead_store_port}/0"
-            self.storeless = self._start(dead)
+        """The port of the proxy whose store is down (restarted if a case killed it)."""
+        assert self.storeless is not None
+        if self.storeless.process.poll() is not None:
+            self.restarts += 1
+            self.storeless = self.world.call(self._start(self.dead_store_url))
         return _port(self.storeless.url)
 
     def stop(self) -> None:
@@ -432,7 +448,7 @@ class Fuzzer:
         assert self.process is not None
         if self.process.process.poll() is not None:
             self.restarts += 1
-            self._start_proxy()
+            self.process = self.world.call(self._start(self.redis.url))
         reply = self.redis.command("FLUSHALL")
         assert reply.startswith(b"+OK"), reply
         return Snapshot(len(self.upstream.seen),
