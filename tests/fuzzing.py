@@ -1,12 +1,12 @@
-"""Fuzzing the proxy listener: the world it runs in, the generated cases, the properties.
+"""Fuzzing the proxy listener: the world the cases run in, and what every case must satisfy.
 
-The behaviour tests send the hostile requests someone thought of; this module lets
-hypothesis think of more. A case is raw bytes on a raw socket (request targets, methods,
-header fields, idempotency keys and body framing that no well-behaved client would send),
-or an upstream answer with a header field the case chooses. Each property sends its case to
-a real proxy process and then checks, whatever the answer:
+The behaviour tests send the hostile requests someone thought of; hypothesis thinks of more
+(tests/fuzz_cases.py). A case is raw bytes on a raw socket (request targets, methods, header
+fields, idempotency keys and body framing that no well-behaved client would send), or an
+upstream answer with a header field the case chooses. Each case goes to a real proxy
+process (or to a second one whose store is down), and then, whatever the answer:
 
-- the proxy answered with well-formed HTTP/1.1 responses, or closed the connection without
+- the proxy answered with well-formed HTTP/1.x responses, or closed the connection without
   a byte; it never answered 500 (an error its handler did not expect);
 - no connection reached anything but the configured upstream: canary listeners on other
   loopback ports, which the generated targets name, were never connected to, and the
