@@ -144,10 +144,15 @@ class RedisServer:
     directory: str
     process: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)  # appended to the command line
+    password: str = ""  # set: the server requires AUTH (requirepass), and `url` carries it
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        userinfo = f":{self.password}@" if self.password else ""
+        return f"redis://{userinfo}127.0.0.1:{self.port}/0"
+
+    def _auth(self) -> bytes:
+        return f"AUTH {self.password}\r\n".encode() if self.password else b""
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -155,6 +160,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning",
+             *(["--requirepass", self.password] if self.password else []),
              *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -162,8 +168,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    sock.sendall(self._auth() + b"PING\r\n")
+                    if sock.recv(32).removeprefix(b"+OK\r\n").startswith(b"+PONG"):
                         return
             except OSError:
                 time.sleep(0.02)
@@ -178,7 +184,10 @@ class RedisServer:
     def command(self, *args: str) -> bytes:
         """Send one inline command and return the raw reply (for flushing, pausing)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall((" ".join(args) + "\r\n").encode())
+            sock.sendall(self._auth() + (" ".join(args) + "\r\n").encode())
+            if self.password:  # the AUTH reply first
+                reply = sock.recv(65536)
+                return reply.removeprefix(b"+OK\r\n") or sock.recv(65536)
             return sock.recv(65536)
 
 
