@@ -49,6 +49,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 OnConcurrent = Literal["reject", "wait"]
 OnUnknownOutcome = Literal["reject", "retry"]
 FailMode = Literal["closed", "open"]
+Mode = Literal["enforce", "observe"]
 
 
 class ConfigError(Exception):
@@ -79,6 +80,12 @@ class RoutePolicy:
     upstream_timeout: float = 30.0
     max_request_body: int = 1024 * 1024
     max_stored_response: int = 1024 * 1024
+    # observe: forward everything as a plain reverse proxy would, record keys as enforce
+    # does, and count what enforcing would have changed (proxy.observing).
+    mode: Mode = "enforce"
+    # Keyless requests with the same scope and fingerprint within this window are counted
+    # as suspected duplicates (never blocked); None: not counted.
+    observe_keyless: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +374,8 @@ _POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
     "max_request_body": parse_size,
     "max_stored_response": parse_size,
     "upstream": parse_upstream,
+    "mode": _choice("enforce", "observe"),
+    "observe_keyless": parse_duration,
 }
 _ROUTE_ONLY_FIELDS: dict[str, Callable[[object], Any]] = {"path": _route_path, "id": _text}
 _STORE_FIELDS: dict[str, Callable[[object], Any]] = {
@@ -623,4 +632,6 @@ def _describe_route(route: RoutePolicy) -> dict[str, Any]:
         "lease": route.lease,
         "on_concurrent": route.on_concurrent,
         "on_unknown_outcome": route.on_unknown_outcome,
+        "mode": route.mode,
+        "observe_keyless": route.observe_keyless,
     }

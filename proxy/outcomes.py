@@ -26,4 +26,6 @@ class RequestOutcome(StrEnum):
     FENCED = "fenced"  # the record was taken over while we worked; our result was not stored
     TOO_LARGE = "too_large"  # request body over the limit (413), or a response too large to store
     RELEASED = "released"  # upstream answered a release status (429/503): returned, not stored
+    # observe mode: forwarded, although enforcing would have answered it otherwise
+    OBSERVED = "observed"
     BAD_REQUEST = "bad_request"  # the request itself was refused (target, framing, slow body)

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.admin",),
     ("proxy.app", "proxy.reload"),
     ("proxy.flow",),
-    ("proxy.owner", "proxy.exchange", "proxy.bodies"),
+    ("proxy.owner", "proxy.exchange", "proxy.bodies", "proxy.observing"),
     ("proxy.leases", "proxy.targets"),
     ("proxy.routing", "proxy.upstream", "proxy.store"),
     ("proxy.keys",),

@@ -38,6 +38,7 @@ class _Record:
     lease_until: float = 0.0
     outcome: Outcome | None = None
     size: int = _RECORD_OVERHEAD
+    born: float = 0.0  # when the first attempt began: the `age` decisions carry
 
 
 class MemoryStore:
@@ -79,15 +80,18 @@ class MemoryStore:
             token = new_token()
             # Kept for at least the lease, like every lease granted below: a record that
             # expired under its owner would let a retry execute a second time beside it.
-            self._records[key] = _Record(fingerprint, now + max(ttl, lease), token, now + lease)
+            self._records[key] = _Record(
+                fingerprint, now + max(ttl, lease), token, now + lease, born=now
+            )
             self._bytes += _RECORD_OVERHEAD
             return Acquired(token)
+        age = now - record.born
         if record.fingerprint != fingerprint:
-            return Mismatch()
+            return Mismatch(age)
         if record.outcome is not None:
-            return Replay(record.outcome)
+            return Replay(record.outcome, age)
         if record.lease_until > now:
-            return InProgress(record.lease_until - now)
+            return InProgress(record.lease_until - now, age)
         if takeover:
             record.token = new_token()
             record.lease_until = now + lease
@@ -95,7 +99,7 @@ class MemoryStore:
             return Acquired(record.token, takeover=True)
         record.token = None
         record.outcome = UNKNOWN_OUTCOME
-        return Replay(UNKNOWN_OUTCOME)
+        return Replay(UNKNOWN_OUTCOME, age)
 
     def _owned(self, key: str, token: str) -> _Record | None:
         record = self._get(key, self._clock())
