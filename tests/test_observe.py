@@ -24,17 +24,10 @@ from proxy.keys import scope_of, storage_key
 from proxy.metrics import WOULD_KINDS
 from proxy.observing import KeylessWindow
 from proxy.server import Running, serve
-from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
+from tests.conftest import ProxyFactory, Upstream, key, raw_config
+from tests.test_flow import post
 
 OBSERVED_EVENT = "observed: enforcing would have answered otherwise"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    server: RedisServer = request.getfixturevalue("redis")
-    return server.url
 
 
 @pytest.fixture
@@ -51,15 +44,6 @@ def events(caplog: pytest.LogCaptureFixture) -> Callable[[str], list[dict[str, A
 def route_id(name: str) -> str:
     """A route id of this test's own: the counters are the process's, shared by every test."""
     return f"{name}-{os.urandom(3).hex()}"
-
-
-async def post(client: aiohttp.ClientSession, proxy: Running, path: str, body: bytes = b"{}",
-               idem: str | None = None, **headers: str) -> tuple[int, Any, bytes]:  # fmt: skip
-    sent = dict(headers)
-    if idem is not None:
-        sent["Idempotency-Key"] = idem
-    async with client.post(proxy.url + path, data=body, headers=sent) as response:
-        return response.status, response.headers, await response.read()
 
 
 async def counters(client: aiohttp.ClientSession, proxy: Running, route: str) -> dict[str, float]:
@@ -174,6 +158,15 @@ async def test_observe_forwards_when_the_store_cannot_record(
     statuses = [(await post(client, proxy, "/v1/pay", b"{}", full))[0] for _ in range(2)]
     assert statuses == [201, 201] and upstream.executions(full) == 2
     assert (await counters(client, proxy, route))["observed_keys"] == 1
+    async with client.get(proxy.admin_url + "/metrics") as response:
+        text = await response.text()
+    unrecorded = [
+        sample.value for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "idempotency_proxy_requests_total"
+        and sample.labels == {"route": route, "method": "POST", "outcome": "store_unavailable"}
+    ]  # fmt: skip
+    assert unrecorded == [2]
 
 
 async def test_keyless_duplicates_are_counted_never_blocked(
