@@ -172,7 +172,8 @@ class Proxy:
         and counted. The store never fails a request here: when it does not answer, the
         request goes through unrecorded (as with `fail_mode: open`).
         """
-        metrics.OBSERVED_REQUESTS.labels(route.id).inc()
+        requests, keys = metrics.observed(route.id)
+        requests.inc()
         ex.outcome = RequestOutcome.OBSERVED
         values = request.headers.getall(route.key_header, ())
         try:
@@ -202,7 +203,7 @@ class Proxy:
             ex.outcome = RequestOutcome.STORE_UNAVAILABLE
             return await self.stream(request, route, ex, body=body)
         if isinstance(decision, Acquired):
-            metrics.OBSERVED_KEYS.labels(route.id).inc()
+            keys.inc()
             owner = Owner(self.store, self.leases, record, decision.token,
                           lease=route.lease, ttl=route.ttl, route=route.id)  # fmt: skip
             return await self.execute(request, route, owner, origin_form(request), body, ex)

@@ -256,6 +256,7 @@ def _local(metric: Any) -> Any:
 
 _requests: dict[tuple[str, str, str], tuple[LocalCounter, LocalHistogram]] = {}
 _upstream: dict[str, LocalHistogram] = {}
+_observed: dict[str, tuple[LocalCounter, LocalCounter]] = {}
 STORE_TIMERS = {op: _local(LocalHistogram(STORE_DURATION.labels(op))) for op in STORE_OPERATIONS}
 STORED_BYTES = _local(LocalHistogram(STORED_RESPONSE_BYTES))
 IN_FLIGHT_RECORDS = _local(LocalGauge(IN_FLIGHT))
@@ -274,6 +275,17 @@ def observe_request(route: str, method: str, outcome: str, seconds: float) -> No
         )
     pair[0].inc()
     pair[1].observe(seconds)
+
+
+def observed(route: str) -> tuple[LocalCounter, LocalCounter]:
+    """The per-request counters of an observing route: requests, and keys first seen."""
+    pair = _observed.get(route)
+    if pair is None:
+        pair = _observed[route] = (
+            _local(LocalCounter(OBSERVED_REQUESTS.labels(route))),
+            _local(LocalCounter(OBSERVED_KEYS.labels(route))),
+        )
+    return pair
 
 
 def observe_upstream(route: str, seconds: float) -> None:
