@@ -289,7 +289,8 @@ def proxy_supports_workers() -> bool:
 def proxy_config(
     port: int, admin_port: int, upstream: Server, store_url: str, log_level: str
 ) -> str:
-    """The bench's proxy config: `/open/*` streams POSTs through, `/pay/*` protects them."""
+    """The bench's proxy config: `/open/*` streams POSTs through, `/pay/*` protects them,
+    `/observe/*` observes them (mode: observe)."""
     return f"""# written by bench/harness.py
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin_port}
@@ -302,6 +303,8 @@ routes:
   # with exactly the same bytes on the wire as the protected cases.
   - {{path: /open/*, id: open, methods: [PATCH]}}
   - {{path: /pay/*, id: pay}}
+  # The same protection, observed only: every request forwarded, duplicates counted.
+  - {{path: /observe/*, id: observe, mode: observe}}
 """
 
 

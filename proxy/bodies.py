@@ -43,6 +43,38 @@ async def read_body(request: web.BaseRequest, limit: int, timeout: float) -> byt
     return b"".join(chunks)
 
 
+async def read_bounded(
+    request: web.BaseRequest, limit: int, idle: float
+) -> bytes | AsyncIterator[bytes]:
+    """The whole body if it is at most `limit` bytes; else the body as a stream (what was read
+    first, then the rest as it arrives), never a 413: for requests the proxy forwards whatever
+    their size (observe mode, keyless duplicate counting). A stall of `idle` seconds is 408,
+    as for a streamed body."""
+    if request.content_length is not None and request.content_length > limit:
+        await send_continue(request)
+        return stream_body(request, idle)
+    await send_continue(request)
+    if request.content.is_eof():  # it all came with the headers
+        body = request.content.read_nowait()
+        return body if len(body) <= limit else _chain([body], stream_body(request, idle))
+    chunks: list[bytes] = []
+    size = 0
+    rest = stream_body(request, idle)
+    async for chunk in rest:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return _chain(chunks, rest)
+    return b"".join(chunks)
+
+
+async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
 async def send_continue(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` once the proxy has decided to read the body.
 

@@ -1,7 +1,7 @@
 """The `idempotency-proxy` command line: parse, then dispatch.
 
 `run` and `check-config` are the proxy's own commands; the tools beside it (`describe`,
-`demo`, `audit`, `legacy-api`) each declare their subcommand and do their work in
+`demo`, `audit`, `legacy-api`, `report`) each declare their subcommand and do their work in
 `proxy.tools`.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from proxy import __version__, logs
 from proxy.config import ConfigError, load_config
 from proxy.server import refuse, serve_config
-from proxy.tools import audit, demo, describe, legacy_api
+from proxy.tools import audit, demo, describe, legacy_api, report
 from proxy.workers import supervise, worker_count
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="the YAML config file")
-    for tool in (describe, demo, audit, legacy_api):
+    for tool in (describe, demo, audit, legacy_api, report):
         tool.add_parser(commands)  # each sets `run` to its own
     return parser
 

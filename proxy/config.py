@@ -54,6 +54,7 @@ OnConcurrent = Literal["reject", "wait"]
 FingerprintBody = Literal["raw", "canonical"]
 OnUnknownOutcome = Literal["reject", "retry"]
 FailMode = Literal["closed", "open"]
+Mode = Literal["enforce", "observe"]
 
 
 class ConfigError(Exception):
@@ -118,6 +119,12 @@ class RoutePolicy:
     fingerprint: FingerprintPolicy = RAW_FINGERPRINT
     # How long a key is remembered after its response expired (0: not at all).
     tombstone_ttl: float = 0.0
+    # observe: forward everything as a plain reverse proxy would, record keys as enforce
+    # does, and count what enforcing would have changed (proxy.observing).
+    mode: Mode = "enforce"
+    # Keyless requests with the same scope and fingerprint within this window are counted
+    # as suspected duplicates (never blocked); None: not counted.
+    observe_keyless: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +387,8 @@ _POLICY_FIELDS: dict[str, Callable[[object], Any]] = {
     "max_stored_response": parse_size,
     "upstream": parse_upstream,
     "tombstone_ttl": _tombstone_ttl,
+    "mode": _choice("enforce", "observe"),
+    "observe_keyless": parse_duration,
 }
 # `fingerprint:` is a mapping of its own; a route's fields go on top of the defaults' ones.
 _FINGERPRINT_FIELDS: dict[str, Callable[[object], Any]] = {
@@ -706,4 +715,6 @@ def _describe_route(route: RoutePolicy) -> dict[str, Any]:
         "on_unknown_outcome": route.on_unknown_outcome,
         "fingerprint": {"body": route.fingerprint.body, "ignore": list(route.fingerprint.ignore)},
         "tombstone_ttl": route.tombstone_ttl,
+        "mode": route.mode,
+        "observe_keyless": route.observe_keyless,
     }

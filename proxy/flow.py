@@ -7,6 +7,10 @@
                                              mismatch: 422
                                              expired (a tombstone): 409
 
+A route in `mode: observe` takes `Proxy.observe` instead: every request is forwarded, the
+records are kept as above, and what enforcing would have changed is counted
+(`proxy.observing`).
+
 One store round trip decides a request; a first attempt costs one more to record it. The
 owner of a key (`proxy.owner.Owner`) settles its record; the upstream client
 (`proxy.upstream`) is the only code that speaks aiohttp's client. A client that gives up
@@ -23,10 +27,11 @@ from functools import partial
 
 from aiohttp import web
 
-from proxy import logs, metrics
-from proxy.bodies import read_body, send_continue, stream_body
+from proxy import logs, metrics, observing
+from proxy.bodies import read_body, read_bounded, send_continue, stream_body
 from proxy.config import Config, RoutePolicy
 from proxy.errors import (
+    InvalidKey,
     KeyInUse,
     KeyMismatch,
     MissingKey,
@@ -38,8 +43,10 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.exchange import EXCHANGE, Exchange
-from proxy.keys import RecordKey, fingerprint_request, parse_key, scope_of, storage_key
+from proxy.identity import identify
+from proxy.keys import RecordKey, parse_key
 from proxy.leases import Leases
+from proxy.observing import KeylessWindow, Would
 from proxy.outcomes import RequestOutcome
 from proxy.owner import Owner, Settled
 from proxy.routing import Router
@@ -71,11 +78,13 @@ class Proxy:
         self.upstream = upstream
         self.loop = asyncio.get_running_loop()
         self.leases = Leases(store)
+        self.keyless_seen = KeylessWindow()
         self.reload(config)
 
     def reload(self, config: Config) -> None:
         self.config = config
         self.router = Router(config.routes)
+        metrics.declare_routes(route.id for route in config.routes)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ex = request[EXCHANGE]
@@ -86,6 +95,8 @@ class Proxy:
                 ex.route = route.id
             return await self.stream(request, route or self.config.defaults, ex)
         ex.route = route.id
+        if route.mode == "observe":
+            return await self.observe(request, route, ex)
         values = request.headers.getall(route.key_header, ())
         if not values:
             if route.require_key:
@@ -93,17 +104,13 @@ class Proxy:
                     f"{request.method} {route.path} requires a {route.key_header} header"
                 )
             ex.outcome = RequestOutcome.UNPROTECTED
-            return await self.stream(request, route, ex)
+            return await self.keyless(request, route, ex)
         key = parse_key(values, route.key_header)
         target = origin_form(request)
         body = await read_body(request, route.max_request_body, self.config.body_read_timeout)
-        scope = scope_of((name, request.headers.getall(name, ())) for name in route.scope_headers)
-        record = storage_key(self.config.store.namespace, scope, key)
+        record, fingerprint = identify(request, route, self.config.store.namespace, key,
+                                       target, body)  # fmt: skip
         ex.record = record.hash
-        path, _, query = target.partition("?")
-        fingerprint = fingerprint_request(request.method, path, query, body,
-                                          request.headers.get("Content-Type", ""),
-                                          route.fingerprint)  # fmt: skip
         try:
             decision = await self.decide(record, fingerprint, route, ex)
         except StoreError as exc:
@@ -114,11 +121,14 @@ class Proxy:
             ex.outcome = RequestOutcome.STORE_UNAVAILABLE
             return await self.stream(request, route, ex, body=body)
         if isinstance(decision, Acquired):
-            owner = Owner(self.store, self.leases, record, decision.token,
-                          lease=route.lease, ttl=route.ttl, route=route.id,
-                          tombstone=route.tombstone_ttl)  # fmt: skip
+            owner = self.own(record, decision, route)
             return await self.execute(request, route, owner, target, body, ex)
         return answer(decision, route, ex)
+
+    def own(self, record: RecordKey, acquired: Acquired, route: RoutePolicy) -> Owner:
+        """The owner of a key this request acquired, with the route's lease, ttl, tombstone."""
+        return Owner(self.store, self.leases, record, acquired.token, lease=route.lease,
+                     ttl=route.ttl, route=route.id, tombstone=route.tombstone_ttl)  # fmt: skip
 
     async def decide(
         self, record: RecordKey, fingerprint: str, route: RoutePolicy, ex: Exchange
@@ -157,6 +167,68 @@ class Proxy:
                     return decision
         finally:
             metrics.WAITING.dec()
+
+    async def observe(
+        self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange
+    ) -> web.StreamResponse:
+        """`mode: observe`: forward every request as a plain reverse proxy would, keep the
+        records enforcing keeps, and count what enforcing would have changed.
+
+        A first attempt is executed and recorded exactly as in enforce (so a reload to
+        enforce protects its key at once); every other request is streamed through as it is,
+        and counted. The store never fails a request here: when it does not answer, the
+        request goes through unrecorded (as with `fail_mode: open`).
+        """
+        requests, keys = metrics.observed(route.id)
+        requests.inc()
+        ex.outcome = RequestOutcome.OBSERVED
+        values = request.headers.getall(route.key_header, ())
+        try:
+            key = parse_key(values, route.key_header) if values else None
+        except InvalidKey:
+            observing.sighted(Would.REJECT_INVALID_KEY, route.id)
+            return await self.stream(request, route, ex)
+        if key is None:
+            if route.require_key:
+                observing.sighted(Would.REJECT_MISSING_KEY, route.id)
+            else:
+                ex.outcome = RequestOutcome.UNPROTECTED
+            return await self.keyless(request, route, ex)
+        body = await read_bounded(request, route.max_request_body, self.config.body_read_timeout)
+        if not isinstance(body, bytes):
+            observing.sighted(Would.REJECT_TOO_LARGE, route.id)
+            return await self.stream(request, route, ex, body=body)
+        target = origin_form(request)
+        record, fingerprint = identify(request, route, self.config.store.namespace, key,
+                                       target, body)  # fmt: skip
+        ex.record = record.hash
+        try:
+            decision = await self.begin(record, fingerprint, route)
+        except StoreError as exc:
+            logs.event("store unavailable; observed request forwarded unrecorded",
+                       route=route.id, key_hash=ex.record, error=exc.detail)  # fmt: skip
+            ex.outcome = RequestOutcome.STORE_UNAVAILABLE
+            return await self.stream(request, route, ex, body=body)
+        if isinstance(decision, Acquired):
+            keys.inc()
+            owner = self.own(record, decision, route)
+            return await self.execute(request, route, owner, target, body, ex)
+        try:
+            return await self.stream(request, route, ex, body=body)
+        finally:  # a duplicate counts even when the upstream failed to answer it
+            observing.duplicate(decision, route.id, record, ex.upstream_status)
+
+    async def keyless(
+        self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange
+    ) -> web.StreamResponse:
+        """Forward a protected method sent without a key; with `observe_keyless`, count it
+        when an identical one came within that window. Counted only, never blocked."""
+        if route.observe_keyless is None:
+            return await self.stream(request, route, ex)
+        body = await read_bounded(request, route.max_request_body, self.config.body_read_timeout)
+        if isinstance(body, bytes):
+            self.keyless_seen.check(request, route, body)
+        return await self.stream(request, route, ex, body=body)
 
     async def execute(self, request: web.BaseRequest, route: RoutePolicy, owner: Owner,
                       target: str, body: bytes, ex: Exchange) -> web.StreamResponse:  # fmt: skip
@@ -216,8 +288,10 @@ class Proxy:
             ex.outcome = RequestOutcome.FENCED
 
     async def stream(self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange,
-                     body: bytes | None = None) -> web.StreamResponse:  # fmt: skip
-        """Pass a request through without buffering either direction (unless `body`)."""
+                     body: bytes | AsyncIterator[bytes] | None = None,
+                     ) -> web.StreamResponse:  # fmt: skip
+        """Pass a request through without buffering either direction (unless `body`: the
+        body read already, whole or as the stream of what was read and what follows)."""
         data: bytes | AsyncIterator[bytes] | None = body
         if body is None and request.body_exists:
             await send_continue(request)
@@ -226,12 +300,12 @@ class Proxy:
             else:
                 data = stream_body(request, self.config.body_read_timeout)
         url = target_url(route.upstream, origin_form(request))
+        headers = request_headers(request, keep_length=not isinstance(body, bytes))
         started = time.perf_counter()
         try:
             reply = await self.upstream.open(
-                request.method, url, request_headers(request, keep_length=body is None), data,
-                idle=route.upstream_timeout,
-            )  # fmt: skip
+                request.method, url, headers, data, idle=route.upstream_timeout
+            )
         except UpstreamError as exc:
             ex.upstream_seconds = time.perf_counter() - started
             exc.outcome = RequestOutcome.UPSTREAM_ERROR  # nothing was stored for a key

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Any, Final
 
 from prometheus_client import (
@@ -113,6 +115,50 @@ BUILD_INFO = Gauge(
     multiprocess_mode="max",
 )
 BUILD_INFO.labels(__version__).set(1)
+START_TIME = Gauge(
+    f"{PREFIX}_start_time_seconds",
+    "When this proxy started, Unix time: the window its counters cover.",
+    multiprocess_mode="min",
+)
+START_TIME.set(time.time())
+
+# Observe mode (proxy.observing): what enforcing would have done instead of forwarding.
+WOULD_KINDS: Final = (
+    "would_replay", "would_conflict", "would_mismatch",
+    "would_reject_missing_key", "would_reject_invalid_key", "would_reject_too_large",
+)  # fmt: skip
+OBSERVED_REQUESTS = Counter(
+    f"{PREFIX}_observed_requests_total",
+    "Requests for a protected method on a route in observe mode, by route.",
+    ["route"],
+)
+OBSERVED_KEYS = Counter(
+    f"{PREFIX}_observed_keys_total",
+    "First attempts of a key on a route in observe mode (records created), by route.",
+    ["route"],
+)
+WOULD = Counter(
+    f"{PREFIX}_observe_would_total",
+    "Requests observe mode forwarded that enforcing would have answered otherwise, by route "
+    "and what enforcing would have done (kind).",
+    ["route", "kind"],
+)
+KEYLESS_DUPLICATES = Counter(
+    f"{PREFIX}_keyless_duplicates_total",
+    "Requests without a key identical (scope and fingerprint) to one within the route's "
+    "observe_keyless window: suspected duplicates, counted, never blocked. By route.",
+    ["route"],
+)
+
+
+def declare_routes(route_ids: Iterable[str]) -> None:
+    """Export every route's observe-mode series as 0 from the first scrape."""
+    for route in route_ids:
+        OBSERVED_REQUESTS.labels(route)
+        OBSERVED_KEYS.labels(route)
+        KEYLESS_DUPLICATES.labels(route)
+        for kind in WOULD_KINDS:
+            WOULD.labels(route, kind)
 
 
 # --- batched updates --------------------------------------------------------------------
@@ -210,6 +256,7 @@ def _local(metric: Any) -> Any:
 
 _requests: dict[tuple[str, str, str], tuple[LocalCounter, LocalHistogram]] = {}
 _upstream: dict[str, LocalHistogram] = {}
+_observed: dict[str, tuple[LocalCounter, LocalCounter]] = {}
 STORE_TIMERS = {op: _local(LocalHistogram(STORE_DURATION.labels(op))) for op in STORE_OPERATIONS}
 STORED_BYTES = _local(LocalHistogram(STORED_RESPONSE_BYTES))
 IN_FLIGHT_RECORDS = _local(LocalGauge(IN_FLIGHT))
@@ -228,6 +275,17 @@ def observe_request(route: str, method: str, outcome: str, seconds: float) -> No
         )
     pair[0].inc()
     pair[1].observe(seconds)
+
+
+def observed(route: str) -> tuple[LocalCounter, LocalCounter]:
+    """The per-request counters of an observing route: requests, and keys first seen."""
+    pair = _observed.get(route)
+    if pair is None:
+        pair = _observed[route] = (
+            _local(LocalCounter(OBSERVED_REQUESTS.labels(route))),
+            _local(LocalCounter(OBSERVED_KEYS.labels(route))),
+        )
+    return pair
 
 
 def observe_upstream(route: str, seconds: float) -> None:

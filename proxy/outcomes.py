@@ -27,4 +27,6 @@ class RequestOutcome(StrEnum):
     TOO_LARGE = "too_large"  # request body over the limit (413), or a response too large to store
     RELEASED = "released"  # upstream answered a release status (429/503): returned, not stored
     EXPIRED = "expired"  # retry after the response's ttl, inside tombstone_ttl: 409, not executed
+    # observe mode: forwarded, although enforcing would have answered it otherwise
+    OBSERVED = "observed"
     BAD_REQUEST = "bad_request"  # the request itself was refused (target, framing, slow body)

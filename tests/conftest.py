@@ -211,6 +211,15 @@ def redis(redis_server: RedisServer) -> Iterator[RedisServer]:
         redis_server.start()
 
 
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Run the test on the memory store and on the session's redis-server, emptied."""
+    if request.param == "memory":
+        return "memory://"
+    server: RedisServer = request.getfixturevalue("redis")
+    return server.url
+
+
 # --- the proxy ------------------------------------------------------------------------
 
 

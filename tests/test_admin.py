@@ -176,14 +176,6 @@ def test_loopback_means_127_0_0_0_8_ipv6_loopback_and_localhost(host: str, loopb
 # --- records ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    server: RedisServer = request.getfixturevalue("redis")
-    return server.url
-
-
 async def test_outcome_unknown_is_resolved_by_deleting_its_record(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession,
     events: Events, store_url: str,

@@ -94,6 +94,25 @@ routes:
     assert len(problems) == len(expected)
 
 
+def test_mode_and_observe_keyless_are_per_route_with_defaults() -> None:
+    """`mode` defaults to enforce; a route may observe; both settings are named in errors."""
+    config = parse_config({
+        "defaults": {"observe_keyless": "10s"},
+        "routes": [{"path": "/a", "mode": "observe"}, {"path": "/*"}],
+    }, env={})  # fmt: skip
+    observed, enforced = config.routes
+    assert (observed.mode, observed.observe_keyless) == ("observe", 10.0)
+    assert (enforced.mode, enforced.observe_keyless) == ("enforce", 10.0)
+    assert parse_config({}, env={}).routes[0].observe_keyless is None
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"defaults": {"mode": "watch"},
+                      "routes": [{"path": "/*", "observe_keyless": "soon"}]}, env={})  # fmt: skip
+    assert caught.value.problems == [
+        "defaults.mode: expected 'enforce' or 'observe', got 'watch'",
+        'routes[0].observe_keyless: expected a duration like "24h", got "soon"',
+    ]
+
+
 def test_lease_longer_than_ttl_is_refused() -> None:
     """A lease that outlives the record makes no sense and is an error."""
     with pytest.raises(ConfigError, match=r"routes\[0\]\.lease: must not exceed ttl"):

@@ -70,6 +70,26 @@ async def test_demo_prints_the_api_books_for_both_storms() -> None:
     assert len(ledger.charges) == direct.books.charges + proxied.books.charges
 
 
+async def test_demo_observe_report_counts_exactly_the_books_duplicates() -> None:
+    """Through an observing proxy the API charges twice, and the proxy's report counts each."""
+    ledger = Ledger()
+    out = io.StringIO()
+    options = DemoOptions(requests=12, concurrency=6, timeout=0.2, seed=3, serve=False,
+                          observe=True)  # fmt: skip
+    result = await run_demo(options, out, io.StringIO(), ledger=ledger)
+
+    books = ledger.summary("demo-observe-")
+    assert result.report is not None
+    (route,) = result.report.routes
+    assert books.duplicate_charges > 0  # observing changes nothing: the storm duplicates
+    assert route.executed_twice == books.duplicate_charges
+    assert route.requests == books.charges
+    assert route.keys == 12 and route.mismatches == 0
+    printed = out.getvalue()
+    assert table(printed)["duplicate charges"][1] == str(books.duplicate_charges)
+    assert f"{books.duplicate_charges} requests executed twice in the last" in printed
+
+
 async def test_demo_serves_both_servers_until_stopped() -> None:
     """Without --no-serve the demo prints curl commands and both servers answer them."""
     out = io.StringIO()

@@ -16,7 +16,6 @@ from proxy.errors import PROBLEM_TYPE_PREFIX
 from proxy.fingerprints import canonical_json, form_pairs, is_json
 from proxy.keys import fingerprint_request
 from proxy.server import Running
-from tests import test_flow
 from tests.conftest import ProxyFactory, Upstream, key
 from tests.test_flow import post, problem
 
@@ -24,7 +23,6 @@ JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 RAW = FingerprintPolicy()
 CANONICAL = FingerprintPolicy("canonical")
-store_url = test_flow.store_url  # the behaviour tests run on both stores, as test_flow's do
 IGNORING = FingerprintPolicy("canonical", ("/timestamp", "/metadata/nonce", "/a~1b~0c"))
 
 

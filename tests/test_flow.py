@@ -19,15 +19,7 @@ from proxy.outcomes import RequestOutcome
 from proxy.server import Running, serve
 from proxy.store.base import Outcome
 from proxy.store.memory import MemoryStore
-from tests.conftest import ProxyFactory, RedisServer, Upstream, key, make_config
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    server: RedisServer = request.getfixturevalue("redis")
-    return server.url
+from tests.conftest import ProxyFactory, Upstream, key, make_config
 
 
 async def post(client: aiohttp.ClientSession, proxy: Running, path: str, body: bytes = b"{}",

@@ -17,11 +17,8 @@ from proxy.outcomes import RequestOutcome
 from proxy.server import Running
 from proxy.store.base import Acquired, Expired, Outcome, StoredResponse
 from proxy.store.redis import RedisStore
-from tests import test_flow
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
 from tests.test_flow import post, problem
-
-store_url = test_flow.store_url  # memory and Redis, as the behaviour table's tests
 
 TTL = 0.3
 TOMBSTONE = 0.8

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 OutcomeKind = Literal["response", "too_large", "unknown"]
@@ -73,9 +73,15 @@ class Acquired:
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """The key is done: answer with its outcome."""
+    """The key is done: answer with its outcome.
+
+    `age`, here and in `InProgress` and `Mismatch`: seconds since the key's first attempt
+    began (its record was created), or None for a record that does not say. Observe mode
+    reports it as the time between two attempts; it never changes a decision.
+    """
 
     outcome: Outcome
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +89,14 @@ class InProgress:
     """Another request owns the key; its lease runs for `retry_after` more seconds."""
 
     retry_after: float
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
     """The key was first used with a different request fingerprint."""
+
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +145,10 @@ class Store(Protocol):
           the terminal `UNKNOWN_OUTCOME` -> `Replay`, which is kept as a tombstone for
           `tombstone` seconds after the record's ttl.
 
-        A record created or taken over is kept for at least its new lease, even when less
-        of its ttl is left (or `lease` exceeds `ttl`): it never expires under its owner.
+        `Replay`, `InProgress` and `Mismatch` carry the record's `age` (since its creation;
+        a takeover keeps it). A record created or taken over is kept for at least its new
+        lease, even when less of its ttl is left (or `lease` exceeds `ttl`): it never expires
+        under its owner.
         """
         ...
 

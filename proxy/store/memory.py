@@ -46,6 +46,7 @@ class _Record:
     outcome: Outcome | None = None
     size: int = _RECORD_OVERHEAD
     response_until: float = math.inf  # past it, only a tombstone is left (until expires_at)
+    born: float = 0.0  # when the first attempt began: the `age` decisions carry
 
 
 @functools.cache
@@ -109,18 +110,21 @@ class MemoryStore:
             token = new_token()
             # Kept for at least the lease, like every lease granted below: a record that
             # expired under its owner would let a retry execute a second time beside it.
-            self._records[key] = _Record(fingerprint, now + max(ttl, lease), token, now + lease)
+            self._records[key] = _Record(
+                fingerprint, now + max(ttl, lease), token, now + lease, born=now
+            )
             self._bytes += _RECORD_OVERHEAD
             return Acquired(token)
+        age = now - record.born
         if record.fingerprint != fingerprint:
-            return Mismatch()
+            return Mismatch(age)
         if record.outcome is not None:
             if now < record.response_until:
-                return Replay(record.outcome)
+                return Replay(record.outcome, age)
             self._bury(record)
             return Expired(record.outcome.kind, record.outcome.response.status)
         if record.lease_until > now:
-            return InProgress(record.lease_until - now)
+            return InProgress(record.lease_until - now, age)
         if takeover:
             record.token = new_token()
             record.lease_until = now + lease
@@ -131,7 +135,7 @@ class MemoryStore:
         if tombstone > 0:
             record.response_until = record.expires_at
             record.expires_at += tombstone
-        return Replay(UNKNOWN_OUTCOME)
+        return Replay(UNKNOWN_OUTCOME, age)
 
     def _owned(self, key: str, token: str) -> _Record | None:
         record = self._get(key, self._clock())

@@ -47,8 +47,8 @@ from proxy.store.topology import Batcher, ClusterBatcher
 from proxy.tasks import spawn
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
-# clock), and when done: kind, status, hdrs, body, and with a tombstone `until` (when the
-# response expires, ms, server clock).
+# clock), at (when the first attempt began, ms, server clock), and when done: kind, status,
+# hdrs, body, and with a tombstone `until` (when the response expires, ms, server clock).
 #
 # Tombstones: Redis (before 7.4) cannot expire part of a hash, so a done record with a
 # tombstone is kept (PEXPIRE) for ttl + tombstone, and `until` marks the end of its
@@ -93,21 +93,26 @@ end
 """
 
 # KEYS[1] record; ARGV fingerprint, token, lease ms, ttl ms, takeover (1/0), tombstone ms
-# -> {1} acquired | {2} taken over | {3, kind, status, hdrs, body} replay
-#    | {4, ms left} in progress | {5} mismatch | {6, kind, status} response expired
+# -> {1} acquired | {2} taken over | {3, kind, status, hdrs, body, age ms} replay
+#    | {4, ms left, age ms} in progress | {5, age ms} mismatch
+#    | {6, kind, status} response expired
+# (age: ms since the record was created, -1 for a record written without `at`)
 BEGIN = (
     _NOW
     + _KEEP_FOR_LEASE
     + _KEEP_TOMBSTONE
     + _BURY
     + """
-local rec = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp', 'until')
+local rec = redis.call('HMGET', KEYS[1], 'st', 'fp', 'exp', 'until', 'at')
 if not rec[1] then
-  redis.call('HSET', KEYS[1], 'st', 'f', 'fp', ARGV[1], 'tok', ARGV[2], 'exp', now + ARGV[3])
+  redis.call('HSET', KEYS[1], 'st', 'f', 'fp', ARGV[1], 'tok', ARGV[2], 'exp', now + ARGV[3],
+             'at', now)
   redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[4]), tonumber(ARGV[3])))
   return {1}
 end
-if rec[2] ~= ARGV[1] then return {5} end
+local age = -1
+if rec[5] then age = now - tonumber(rec[5]) end
+if rec[2] ~= ARGV[1] then return {5, age} end
 if rec[1] == 'd' then
   if rec[4] and now >= tonumber(rec[4]) then
     local r = redis.call('HMGET', KEYS[1], 'kind', 'status', 'tok', 'body')
@@ -115,10 +120,10 @@ if rec[1] == 'd' then
     return {6, r[1], r[2]}
   end
   local r = redis.call('HMGET', KEYS[1], 'kind', 'status', 'hdrs', 'body')
-  return {3, r[1], r[2], r[3], r[4]}
+  return {3, r[1], r[2], r[3], r[4], age}
 end
 local left = tonumber(rec[3]) - now
-if left > 0 then return {4, left} end
+if left > 0 then return {4, left, age} end
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'tok', ARGV[2], 'exp', now + ARGV[3])
   keep_for_lease(ARGV[3])
@@ -127,7 +132,7 @@ end
 redis.call('HSET', KEYS[1], 'st', 'd', 'kind', 'unknown', 'status', '0', 'hdrs', '', 'body', '')
 redis.call('HDEL', KEYS[1], 'tok', 'exp')
 if tonumber(ARGV[6]) > 0 then keep_tombstone(now + redis.call('PTTL', KEYS[1]), ARGV[6]) end
-return {3, 'unknown', '0', '', ''}
+return {3, 'unknown', '0', '', '', age}
 """
 )
 
@@ -305,12 +310,12 @@ class RedisStore:
         if code == 2:
             return Acquired(token, takeover=True)
         if code == 3:
-            return Replay(_outcome(*reply[1:5]))
+            return Replay(_outcome(*reply[1:5]), _age(reply[5]))
         if code == 4:
-            return InProgress(reply[1] / 1000)
+            return InProgress(reply[1] / 1000, _age(reply[2]))
         if code == 6:
             return Expired(_kind(reply[1]), int(reply[2]))
-        return Mismatch()
+        return Mismatch(_age(reply[1]))
 
     async def _withdraw(self) -> None:
         """Release, fenced by their tokens, the records of begins that went unanswered.
@@ -416,6 +421,11 @@ def _checked(reply: Any) -> Any:
     if isinstance(reply, ReplyError):
         raise StoreUnavailable(f"redis: {reply}", retry_after=1)
     return reply
+
+
+def _age(ms: int) -> float | None:
+    """A record's age from a script's reply: -1 means the record does not say."""
+    return None if ms < 0 else ms / 1000
 
 
 def _ms(seconds: float) -> int:

@@ -104,6 +104,28 @@ async def test_other_fingerprint_is_a_mismatch_in_any_state(store: Store) -> Non
     assert isinstance(await begin(store, record, "fp-b"), Mismatch)
 
 
+async def test_decisions_on_an_existing_record_carry_its_age(store: Store) -> None:
+    """In progress, replay and mismatch say how long ago the key's first attempt began."""
+    record = record_key("r")
+    lock = await begin(store, record)
+    assert isinstance(lock, Acquired)
+    started = asyncio.get_running_loop().time()
+    await asyncio.sleep(0.05)
+    in_progress = await begin(store, record)
+    assert isinstance(in_progress, InProgress) and in_progress.age is not None
+    assert 0.04 <= in_progress.age <= asyncio.get_running_loop().time() - started + 0.01
+    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
+    await asyncio.sleep(0.05)
+    replay = await begin(store, record)
+    assert isinstance(replay, Replay) and replay.age is not None
+    assert (
+        in_progress.age + 0.04 <= replay.age <= asyncio.get_running_loop().time() - started + 0.01
+    )
+    mismatch = await begin(store, record, "fp-other")
+    assert isinstance(mismatch, Mismatch) and mismatch.age is not None
+    assert mismatch.age >= replay.age
+
+
 async def test_complete_with_a_stale_token_is_fenced(store: Store) -> None:
     """Only the current owner's token can record a result."""
     record = record_key("r")
