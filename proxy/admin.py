@@ -213,8 +213,10 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready: the store takes writes (a probe write, not a PING), so requests can be decided."""
     try:
         await request.app[PROXY_APP][STORE].ping()
-    except StoreError as exc:
-        return web.json_response({"status": "unavailable", "store": exc.detail}, status=503)
+    except StoreError as exc:  # the details (host, port, error) go to the log, not the probe
+        logs.event("not ready: the store does not take writes", logging.WARNING,
+                   error=exc.detail)  # fmt: skip
+        return web.json_response({"status": "unavailable", "store": "unavailable"}, status=503)
     return web.json_response({"status": "ok", "store": "ok"})
 
 

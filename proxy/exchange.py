@@ -7,20 +7,22 @@ however it ends. `render_problems` turns any `ProxyError` into problem+json.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from proxy import logs, metrics
 from proxy.errors import ProxyError
 from proxy.outcomes import RequestOutcome
+from proxy.tasks import spawn
 
 UNROUTED = "unrouted"
 
@@ -50,7 +52,7 @@ class Exchange:
     error: str | None = None  # what went wrong, for the log line only
     # Work that must follow the answer, not precede it: recording a first attempt's result
     # (one store round trip the client need not wait for; the lease guards the key meanwhile).
-    settle: Callable[[], Awaitable[None]] | None = None
+    settle: Callable[[], Coroutine[Any, Any, None]] | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -71,9 +73,14 @@ async def observe(request: web.BaseRequest, handler: Handler) -> web.StreamRespo
     exchange = Exchange(request_id(request))
     request[EXCHANGE] = exchange
     status = 499  # nginx's "client closed request": the handler was cancelled
+    settling: asyncio.Task[None] | None = None
     try:
         response = await handler(request)
         status = response.status
+        if exchange.settle is not None:
+            # Starts once the answer is written (the write does not yield unless the
+            # client's socket is full); the record never waits for a client that does not read.
+            settling = spawn(exchange.settle(), "settle")
         await send(request, response, exchange)
         return response
     except Exception:
@@ -81,7 +88,9 @@ async def observe(request: web.BaseRequest, handler: Handler) -> web.StreamRespo
         raise
     finally:
         elapsed = time.perf_counter() - exchange.started
-        if exchange.settle is not None:
+        if settling is not None:
+            await settling
+        elif exchange.settle is not None:
             await exchange.settle()
         metrics.observe_request(exchange.route, request.method, exchange.outcome, elapsed)
         if exchange.upstream_seconds is not None:

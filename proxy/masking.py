@@ -75,6 +75,25 @@ def redact_urls_in(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
+def scrub(message: str, url: str) -> str:
+    """`message` (a parser's complaint about `url`) without any piece of `url`'s userinfo.
+
+    A URL whose password holds an unencoded `/`, `?` or `#` does not parse as its author
+    meant, and a parser then quotes part of the password as a port, a path or an option.
+    Everything between `://` and the URL's last `@` may be a credential: every piece of it
+    three characters or longer is masked wherever the message quotes it.
+    """
+    scheme_end = url.find("://")
+    at = url.rfind("@")
+    if scheme_end < 0 or at < scheme_end:
+        return message
+    userinfo = url[scheme_end + 3 : at]
+    for piece in sorted(re.split(r"[:/?#&=]", userinfo), key=len, reverse=True):
+        if len(piece) >= 3:
+            message = message.replace(piece, MASK)
+    return message
+
+
 def mask_text(text: str) -> str:
     """A refused string as a message may quote it: URL credentials masked, long text cut."""
     if "://" in text or "@" in text:  # could hold credentials: show only what parses

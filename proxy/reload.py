@@ -17,8 +17,17 @@ from proxy.flow import Proxy
 
 # Bound to resources opened at start (sockets, the store client, the tracer provider): a
 # reload cannot move them.
-_RESTART_FIELDS = ("listen", "admin_listen", "tracing")
-_RESTART_STORE_FIELDS = ("url", "timeout", "max_records", "max_bytes")
+# The namespace is part of every record's key: changed on the fly, every key would name a new
+# record and its retry would execute again.
+_RESTART_FIELDS = ("listen", "admin_listen", "tracing", "upstream_keepalive_timeout")
+_RESTART_STORE_FIELDS = (
+    "url",
+    "timeout",
+    "max_records",
+    "max_bytes",
+    "namespace",
+    "min_replicas_ack",
+)
 
 
 @dataclass(frozen=True, slots=True)

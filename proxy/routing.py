@@ -34,6 +34,26 @@ def compile_matcher(pattern: str) -> Callable[[str], object]:
     return compile_pattern(pattern).match
 
 
+def normalize(path: str) -> str:
+    """`path` with `.` and `..` segments resolved and repeated slashes collapsed.
+
+    Routes are matched on this form, so that `/x/../payments/1` or `//payments/1` cannot
+    slip past a `/payments/*` route that requires a key, to an upstream that normalises the
+    path and runs it as `/payments/1`. The request is still forwarded as the client sent it.
+    """
+    if "//" not in path and "/." not in path:  # the usual case: nothing to resolve
+        return path
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
+    return "/" + "/".join(segments) + trailing
+
+
 class Router:
     """The configured routes, compiled, in the order they were written."""
 
@@ -42,7 +62,9 @@ class Router:
         self._compiled = tuple((compile_matcher(r.path), r) for r in self.routes)
 
     def match(self, path: str) -> RoutePolicy | None:
-        """The first route whose pattern matches `path`, or None."""
+        """The first route whose pattern matches `path` (as an upstream that resolves dot
+        segments and repeated slashes reads it), or None."""
+        path = normalize(path)
         for matches, route in self._compiled:
             if matches(path):
                 return route

@@ -128,8 +128,11 @@ async def serve(
     # handler_cancellation off: a client that disconnects must not cancel the upstream
     # exchange of a first attempt; it completes and is recorded for the retry.
     in_flight = InFlight()
-    server = web.Server(in_flight.track(proxy_handler(app)),
-                        handler_cancellation=False, access_log=None)  # fmt: skip
+    # auto_decompress off: a body passes as the client encoded it. Decoded, it no longer
+    # matched the client's Content-Length, which is forwarded with it: the upstream read the
+    # next client's request as the rest of this body (a desync across clients).
+    server = web.Server(in_flight.track(proxy_handler(app)), handler_cancellation=False,
+                        access_log=None, auto_decompress=False)  # fmt: skip
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_UNWIND)
     try:
         await runner.setup()

@@ -14,7 +14,7 @@ names the store. An option that redis-py's connections do not take is refused he
 name, before the proxy starts. Two options are our own and never reach a data node:
 `sentinel_username` and `sentinel_password`, for sentinels that require AUTH of their own.
 
-The module sits below the config layer (it imports nothing of ours), so that the config
+The module sits below the config layer (it imports only `proxy.masking`), so that the config
 can refuse a bad URL with the field's path, and the store can build its clients from the
 same parse.
 """
@@ -30,6 +30,8 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, parse_url
 from redis.exceptions import RedisError
+
+from proxy.masking import scrub
 
 TopologyKind = Literal["sentinel", "cluster"]
 
@@ -157,12 +159,17 @@ def _address(entry: str, default_port: int) -> tuple[str, int]:
         port_text = rest.removeprefix(":")
     else:
         host, _, port_text = entry.partition(":")
+    # The entry is not quoted back: a password with an unencoded `/` lands here.
+    unclear = (
+        "expected host:port entries in the URL (a password with '/', '?' or '#' "
+        "must be percent-encoded)"
+    )
     if not host:
-        raise ValueError(f'expected host:port in the URL, got "{entry}"')
+        raise ValueError(unclear)
     if not port_text:
         return unquote(host), default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f'expected host:port in the URL, got "{entry}"')
+        raise ValueError(unclear)
     return unquote(host), int(port_text)
 
 
@@ -170,7 +177,7 @@ def _address(entry: str, default_port: int) -> tuple[str, int]:
 REDIS_URL_OPTIONS = frozenset({
     "db", "username", "password", "protocol", "client_name", "lib_name", "lib_version",
     "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
-    "max_connections", "retry_on_timeout",
+    "retry_on_timeout",
 })  # fmt: skip
 REDIS_TLS_OPTIONS = frozenset({
     "ssl_keyfile", "ssl_certfile", "ssl_password", "ssl_cert_reqs", "ssl_ca_certs",
@@ -185,6 +192,10 @@ _REFUSED_REDIS_OPTIONS = {
     "retry_on_error": "the proxy never re-sends a store command",
     "timeout": "use store.timeout",
     "socket_keepalive_options": "not expressible in a URL; keepalive timing is redis-py's",
+    "max_connections": (
+        "redis-py's pool fails a call at the cap instead of waiting, which would turn load "
+        "into 503s; the pool grows with the batches in flight"
+    ),
 }
 
 
@@ -193,8 +204,16 @@ def check_redis_url(url: str) -> None:
 
     Every option is checked by name, then redis-py parses the URL and builds (without
     connecting) the connection it describes, TLS context included, so a bad value or a
-    missing certificate file is reported now rather than on the first request.
+    missing certificate file is reported now rather than on the first request. No message
+    quotes a piece of the URL's credentials (`masking.scrub`).
     """
+    try:
+        _check_redis_url(url)
+    except ValueError as exc:
+        raise ValueError(scrub(str(exc), url)) from None
+
+
+def _check_redis_url(url: str) -> None:
     parts = urlsplit(url)
     names = [pair.partition("=")[0] for pair in parts.query.split("&") if pair]
     for name in names:

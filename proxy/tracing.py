@@ -44,7 +44,7 @@ from opentelemetry.trace import set_span_in_context as in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
-from proxy import __version__
+from proxy import __version__, metrics
 from proxy.config import TracingConfig
 from proxy.errors import ProxyError, UpstreamError
 from proxy.exchange import EXCHANGE, Handler
@@ -106,8 +106,9 @@ class Tracing:
 
     async def _traced(self, request: web.BaseRequest, handler: Handler) -> web.StreamResponse:
         parent = self.propagator.extract(request.headers)
-        span = self.tracer.start_span(request.method, parent, SpanKind.SERVER, {
-            "http.request.method": request.method, "url.path": request.path,
+        method = metrics.method_label(request.method)  # any method a client invents: bounded
+        span = self.tracer.start_span(method, parent, SpanKind.SERVER, {
+            "http.request.method": method, "url.path": request.path,
             "url.scheme": request.scheme,
         })  # fmt: skip
         if not span.is_recording():  # the sampler dropped it: as if tracing were off
@@ -319,7 +320,7 @@ class TracedUpstream(UpstreamClient):
         """The client span of one upstream request, its context injected into `headers`."""
         span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes={
             "http.request.method": method, "server.address": url.host or "",
-            "server.port": url.port or 0, "url.full": str(url.with_query(None)),
+            "server.port": url.port or 0, "url.full": str(url.with_query(None).with_user(None)),
         })  # fmt: skip
         headers.popall("tracestate", None)  # the client's, for a parent that is no longer ours
         self._propagator.inject(headers, in_context(span))

@@ -305,3 +305,20 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert 'defaults.ttl: expected a duration like "24h", got "tomorrow"' in bad.stderr
     assert "routes[0].path: expected a path starting with" in bad.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:Sup3rS3cretPrefix/rest@h:1",
+    "redis://user:Sup3rS3cret#x@h:1",
+    "redis://user:Sup3rS3cret?x@h:1",
+    "redis+sentinel://:Sup3rS3cretPrefix/rest@h:1/mymaster",
+    "redis+cluster://:Sup3rS3cretPrefix/rest@h:1",
+])  # fmt: skip
+def test_a_store_url_that_does_not_parse_never_quotes_its_password(url: str) -> None:
+    """A password with an unencoded `/`, `?` or `#` breaks the URL; the parser's complaint
+    about the piece it took for a port or an option is masked."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"store": {"url": url}}, env={})
+    text = "\n".join(caught.value.problems)
+    assert text.startswith("store.url: ")
+    assert "Sup3rS3cret" not in text

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
+import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -274,3 +277,66 @@ def test_an_upstream_error_detail_quotes_no_credentials() -> None:
     error = translate(aiohttp.ClientResponseError(info, (), status=400, message="bad"), url)
     assert "s3cret" not in error.detail and "c3ZjOnMzY3JldA" not in error.detail
     assert "ClientResponseError" in error.detail
+
+
+async def test_an_encoded_request_body_reaches_the_upstream_as_the_client_sent_it(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """A gzip body is forwarded byte for byte with its Content-Length: decoded, it no longer
+    matched that length and the upstream read the next request as the rest of the body."""
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            seen.append((head.split(b" ")[1], await reader.readexactly(length)))
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = gzip.compress(os.urandom(40))  # compressed, longer than what it decodes to
+    try:
+        proxy = await start_proxy(upstream=f"http://127.0.0.1:{port}")
+        for headers in ({"Idempotency-Key": key("gz")}, {}):  # protected, and passed through
+            headers = headers | {"Content-Encoding": "gzip"}
+            async with client.post(proxy.url + "/v1/pay", data=body, headers=headers) as reply:
+                assert reply.status == 201
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == [(b"/v1/pay", body), (b"/v1/pay", body)]
+
+
+async def test_a_client_that_does_not_read_its_answer_does_not_hold_the_key(
+    start_proxy: ProxyFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """The result is recorded while the answer waits for a client that stopped reading: a
+    retry on another connection gets the replay, not 409 for as long as the socket stays."""
+    proxy = await start_proxy(defaults={"on_concurrent": "reject"})
+    k = key("stall")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.port))
+    stalled = (f"POST /big/900000 HTTP/1.1\r\nHost: a\r\nIdempotency-Key: {k}\r\n"
+               "Content-Length: 2\r\n\r\n{}").encode()  # fmt: skip
+    await asyncio.get_running_loop().sock_sendall(sock, stalled)
+    try:
+        for _ in range(500):  # until the result is recorded (409 while it is not)
+            async with client.post(proxy.url + "/big/900000", data=b"{}",
+                                   headers={"Idempotency-Key": k}) as response:  # fmt: skip
+                status, replayed = response.status, response.headers.get("Idempotent-Replayed")
+                await response.read()
+            if status != 409:
+                break
+            await asyncio.sleep(0.01)
+        assert (status, replayed) == (200, "true")
+        assert upstream.executions(k) == 1
+    finally:
+        sock.close()

@@ -182,14 +182,15 @@ class ClusterBatcher:
             elif kind == "ASK":
                 self._ask.inc()
                 asked = AskError(where)
-                return await self._asking(get_node_name(asked.host, asked.port), args)
+                return await self._asking(get_node_name(asked.host, asked.port), args,
+                                          acknowledged)  # fmt: skip
             else:
                 if kind in ("CLUSTERDOWN", "TRYAGAIN"):
                     self._refresh_soon()
                 return reply
         raise StoreUnavailable("redis: the cluster kept redirecting the command", retry_after=1)
 
-    async def _asking(self, name: str, args: tuple[Any, ...]) -> Any:
+    async def _asking(self, name: str, args: tuple[Any, ...], acknowledged: bool) -> Any:
         """Send `ASKING` and the command back to back: one batch, one connection, in order.
 
         (A command over the batcher's large-command size travels alone; the node then
@@ -198,7 +199,10 @@ class ClusterBatcher:
         batcher = self._batcher(name)
         asking = batcher.call("ASKING")
         asking.add_done_callback(lambda f: f.cancelled() or f.exception())  # judged by `reply`
-        return await batcher.call(*args)
+        # Acknowledged as the first try would have been: min_replicas_ack holds on a migrating
+        # slot's new owner too.
+        call = batcher.call_acknowledged if acknowledged else batcher.call
+        return await call(*args)
 
     def _batcher(self, name: str) -> RedisBatcher:
         batcher = self._batchers.get(name)
