@@ -5,6 +5,7 @@ The behaviour tests run a real proxy in front of the counting upstream, on both 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +14,7 @@ import pytest
 from proxy.cli import main
 from proxy.config import ConfigError, FingerprintPolicy, parse_config, parse_pointer
 from proxy.errors import PROBLEM_TYPE_PREFIX
-from proxy.fingerprints import canonical_json, form_pairs, is_json
+from proxy.fingerprints import CANONICAL_MAX_BYTES, canonical_json, form_pairs, is_json
 from proxy.keys import fingerprint_request
 from proxy.server import Running
 from tests.conftest import ProxyFactory, Upstream, key
@@ -301,3 +302,17 @@ async def test_a_body_that_claims_json_but_is_not_is_fingerprinted_raw(
     await replays_then_refuses(client, proxy, upstream, [
         b'{"amount": 1,', b'{"amount": 1,', b'{"amount":1,',
     ])  # fmt: skip
+
+
+def test_a_body_over_the_canonical_size_counts_by_its_bytes() -> None:
+    """Canonicalising runs on the event loop: a body over 64 KiB is fingerprinted raw, so
+    one request cannot stall the process (1 MiB of form pairs took 3 s)."""
+    policy = FingerprintPolicy(body="canonical")
+    small_a, small_b = b'{"a": 1, "b": 2}', b'{"b":2,"a":1}'
+    filler = "x" * CANONICAL_MAX_BYTES
+    big_a = json.dumps({"a": 1, "f": filler}).encode()
+    big_b = json.dumps({"f": filler, "a": 1}, separators=(",", ":")).encode()
+    same = [fingerprint_request("POST", "/p", "", a, "application/json", policy)
+            == fingerprint_request("POST", "/p", "", b, "application/json", policy)
+            for a, b in ((small_a, small_b), (big_a, big_b))]  # fmt: skip
+    assert same == [True, False]

@@ -542,3 +542,17 @@ async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(
     assert replayed[0] == 201 and replayed[1].get("Idempotent-Replayed") == "true"
     assert replayed[2] == first[2]
     assert upstream.executions(k) == 1
+
+
+@pytest.mark.parametrize("path", ["/x/../v1/pay", "//v1/pay", "/./v1/pay", "/v1/./pay"])
+async def test_dot_segments_and_double_slashes_cannot_slip_past_a_route(
+    path: str, start_proxy: ProxyFactory, client: aiohttp.ClientSession, upstream: Upstream
+) -> None:
+    """Routes match the path as an upstream that normalises it would read it: a request
+    that names `/v1/pay` another way still meets the route that requires a key."""
+    proxy = await start_proxy(routes=[{"path": "/v1/*", "id": "pay", "require_key": True},
+                                      {"path": "/*", "id": "rest"}])  # fmt: skip
+    async with client.post(proxy.url + path, data=b"{}") as response:
+        assert response.status == 400
+        assert problem(await response.read())["type"] == PROBLEM_TYPE_PREFIX + "missing-key"
+    assert upstream.serial == 0
