@@ -6,12 +6,16 @@ forgetting a finished key would let its retry execute again. A store that is sti
 after the sweep answers `begin` with `StoreUnavailable`, and the route's `fail_mode`
 decides, exactly as for a Redis outage. Size the caps for the ttl and the key rate.
 The clock is injectable so leases and TTLs are tested without sleeping.
+
+Waiters (`on_concurrent: wait`) are woken by the transitions themselves: every complete,
+release, delete, takeover or "outcome unknown" signals the record's watches in this process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from proxy.errors import StoreUnavailable
@@ -24,8 +28,10 @@ from proxy.store.base import (
     Outcome,
     RecordInfo,
     Replay,
+    Watch,
     new_token,
 )
+from proxy.store.watchers import Watchers
 
 _RECORD_OVERHEAD = 200  # bytes a record costs besides its response, roughly
 
@@ -56,6 +62,7 @@ class MemoryStore:
         self._max_bytes = max_bytes
         self._clock = clock
         self._sweep_after = 0.0  # when the next sweep of expired records can free anything
+        self._watchers = Watchers()
 
     def _get(self, key: str, now: float) -> _Record | None:
         record = self._records.get(key)
@@ -92,9 +99,11 @@ class MemoryStore:
             record.token = new_token()
             record.lease_until = now + lease
             record.expires_at = max(record.expires_at, now + lease)
+            self._watchers.notify(key)
             return Acquired(record.token, takeover=True)
         record.token = None
         record.outcome = UNKNOWN_OUTCOME
+        self._watchers.notify(key)
         return Replay(UNKNOWN_OUTCOME)
 
     def _owned(self, key: str, token: str) -> _Record | None:
@@ -123,12 +132,14 @@ class MemoryStore:
         record.size = size
         record.outcome = outcome
         record.expires_at = self._clock() + ttl
+        self._watchers.notify(key)
         return True
 
     async def release(self, key: str, token: str) -> bool:
         if self._owned(key, token) is None:
             return False
         self._drop(key)
+        self._watchers.notify(key)
         return True
 
     def _make_room(self, now: float) -> None:
@@ -166,7 +177,16 @@ class MemoryStore:
     async def delete(self, key: str) -> bool:
         existed = key in self._records
         self._drop(key)
+        self._watchers.notify(key)
         return existed
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Watch]:
+        watch, _ = self._watchers.add(key)
+        try:
+            yield watch
+        finally:
+            self._watchers.remove(key, watch)
 
     async def counts(self) -> dict[str, int]:
         now = self._clock()
