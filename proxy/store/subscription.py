@@ -114,7 +114,10 @@ class Subscription:
             spawn(self._write(self._connection, data), "store-subscription")
 
     async def _write(self, connection: AbstractConnection, data: bytes) -> None:
-        # A failed write shows up as a failed read in `_serve`, which re-opens the connection.
+        # redis-py would re-open a closed connection to write: not one that was dropped (it
+        # would hold no subscription). A failed write shows up as a failed read in `_serve`.
+        if connection is not self._connection or not connection.is_connected:
+            return
         with contextlib.suppress(RedisError, OSError):
             await connection.send_packed_command(data, check_health=False)
 
