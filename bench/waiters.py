@@ -130,9 +130,11 @@ async def one_round(session: aiohttp.ClientSession, gate: Gate, first: services.
     firsts = [asyncio.ensure_future(post(session, first.url + "/pay/x", k)) for k in names]
     await gate.all_arrived.wait()
     waiters = [asyncio.ensure_future(post(session, second.url + "/pay/x", k)) for k in names]
-    while len(await store.pubsub_channels("idp:*")) < keys:
-        await asyncio.sleep(0.005)
-    while await begins(session, second) - before < 2 * keys:
+    # Every waiter is subscribed and has checked again since: it waits for its message.
+    while True:
+        subscribed = len(await store.pubsub_channels("idp:*")) >= keys
+        if subscribed and await begins(session, second) - before >= 2 * keys:
+            break
         await asyncio.sleep(0.005)
     gate.release.set()
     answers = await asyncio.gather(*firsts)
