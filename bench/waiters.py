@@ -39,6 +39,13 @@ import services
 from proxy.store.redis import _PUBLISH, COMPLETE, _Script
 
 BEGINS = "idempotency_proxy_store_operation_duration_seconds_count"
+# Microseconds that 100000 calls take inside one script, by Redis's own clock.
+_LOOP = """
+local t = redis.call('TIME')
+for i = 1, 100000 do redis.pcall({call}) end
+local u = redis.call('TIME')
+return (u[1] - t[1]) * 1000000 + (u[2] - t[2])
+"""
 
 
 class Gate:
@@ -187,29 +194,50 @@ async def latency(tmp: Path, keys: int, rounds: int) -> None:
 
 
 def publish_cost(tmp: Path, calls: int) -> None:
-    """Redis's microseconds per COMPLETE, with and without its PUBLISH, nobody subscribed."""
+    """Redis's microseconds per COMPLETE, with and without its PUBLISH, nobody subscribed.
+
+    The two scripts alternate in chunks of 1000 calls and each chunk is timed by Redis itself
+    (`INFO commandstats`); the medians over the chunks are reported, so that a noisy
+    neighbour on the machine weighs on both alike."""
     redis_server = services.start_redis(tmp, None, name="redis-cost")
     client = redis.Redis(port=redis_server.port)
-    plain = _Script(COMPLETE.replace(_PUBLISH.format(what="done"), ""))
-    assert plain.source != COMPLETE
-    results = {}
+    scripts = {"without PUBLISH": _Script(COMPLETE.replace(_PUBLISH.format(what="done"), "")),
+               "with PUBLISH": _Script(COMPLETE)}  # fmt: skip
+    assert scripts["without PUBLISH"].source != COMPLETE
+    chunks: dict[str, list[float]] = {label: [] for label in scripts}
     try:
-        for label, script in (("without PUBLISH", plain), ("with PUBLISH", _Script(COMPLETE))):
+        for script in scripts.values():
             client.script_load(script.source)
-            client.config_resetstat()
-            for start in range(0, calls, 1000):
+        client.config_resetstat()
+        for start in range(0, calls, 1000):
+            order = list(scripts.items())
+            for label, script in order if start % 2000 else order[::-1]:  # neither goes first
                 pipe = client.pipeline(transaction=False)
                 for i in range(start, min(calls, start + 1000)):
-                    pipe.hset(f"idp:{label[:4]}{i}", mapping={"st": "f", "tok": "t", "exp": 1})
-                    pipe.evalsha(script.sha, 1, f"idp:{label[:4]}{i}", "t", 60000, "response",
-                                 201, "Content-Type: application/json\r\n", b"x" * 64)  # fmt: skip
+                    record = f"idp:{label[:4]}{i}"
+                    pipe.hset(record, mapping={"st": "f", "tok": "t", "exp": 1})
+                    pipe.evalsha(script.sha, 1, record, "t", 60000, "response", 201,
+                                 "Content-Type: application/json\r\n", b"x" * 64)  # fmt: skip
                 pipe.execute()
-            stats = client.info("commandstats")["cmdstat_evalsha"]
-            results[label] = stats["usec_per_call"]
+                # the chunk's own time: commandstats summed since the last reset
+                stats = client.info("commandstats")["cmdstat_evalsha"]
+                chunks[label].append(stats["usec"] / stats["calls"])
+                client.config_resetstat()
+        # The publish alone, without the network: 100000 of them in one script, against as many
+        # PINGs (the cost of any call from Lua), the best of 5.
+        loops = {
+            what: min(client.eval(_LOOP.format(call=call), 1, "idp:nobody") for _ in range(5))
+            for what, call in (("PUBLISH", "'PUBLISH', KEYS[1], 'done'"), ("PING", "'PING'"))
+        }
     finally:
         client.close()
         redis_server.stop()
-    print(f"COMPLETE script, {calls} calls each, nobody subscribed (Redis CPU per call):")
+    print("inside one script, per call (best of 5 loops of 100000): "
+          f"PUBLISH to nobody {loops['PUBLISH'] / 100_000:.2f} us, "
+          f"PING {loops['PING'] / 100_000:.2f} us")  # fmt: skip
+    results = {label: statistics.median(values) for label, values in chunks.items()}
+    print(f"COMPLETE script, {calls} calls each, nobody subscribed (Redis time per call,")
+    print("median over chunks of 1000):")
     for label, usec in results.items():
         print(f"  {label}: {usec:.2f} us")
     extra = results["with PUBLISH"] - results["without PUBLISH"]
