@@ -151,7 +151,8 @@ class Proxy:
                     if remaining <= 0:
                         return InProgress(_CONFLICT_RETRY_AFTER)
                     lease_end = decision.retry_after + _LEASE_MARGIN
-                    await watch.changed(min(remaining, _WAIT_RECHECK, lease_end))
+                    woken = await watch.changed(min(remaining, _WAIT_RECHECK, lease_end))
+                    (metrics.WAIT_WOKEN if woken else metrics.WAIT_TIMER).inc()
                     decision = await self.begin(record, fingerprint, route)
         finally:
             metrics.WAITING.dec()
