@@ -1,13 +1,16 @@
 """The one pub/sub subscription across a failover: a demoted primary that stays up still
-delivers (Redis replicates PUBLISH), and a Sentinel switch after a SIGKILL is followed."""
+delivers (Redis replicates PUBLISH), a Sentinel switch after a SIGKILL is followed, and on a
+Cluster a record's channel moves to the replica promoted for its slot."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
 import redis
+from redis.crc import key_slot
 
 from proxy.config import StoreConfig
 from proxy.store import open_store
@@ -15,7 +18,7 @@ from proxy.store.base import Acquired, Outcome, Store, StoredResponse
 from proxy.store.redis import RedisStore
 from tests.conftest import key
 from tests.redis_topologies import RedisNode, wait_until
-from tests.sentinel_and_cluster import SentinelGroup
+from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
 
 RESPONSE = Outcome("response", StoredResponse(201, (), b"{}"))
 WAKE = 5.0
@@ -82,6 +85,43 @@ async def test_a_sentinel_switch_is_followed_by_the_subscription(
             new = group.wait_switched(old)
             await until(lambda: subscribers(new) == 1)
             assert await watch.changed(WAKE)  # re-subscribed: re-check
+            token = await acquired(store, record)
+            assert await store.complete(record, token, RESPONSE, ttl=30)
+            assert await watch.changed(WAKE)
+    finally:
+        await store.close()
+
+
+def shard_subscribers(port: int) -> int:
+    with redis.Redis(port=port, socket_timeout=2) as c:
+        return len(c.execute_command("PUBSUB", "SHARDCHANNELS", "idp:*"))
+
+
+async def test_a_cluster_failover_moves_the_subscription_to_the_promoted_replica(
+    new_cluster: ClusterNodes,
+) -> None:
+    """SIGKILL the master of a waited record's slot: its channel is subscribed again on the
+    promoted replica, its waiters re-check once, and the next change there wakes them."""
+    cluster = new_cluster
+    store = open_store(StoreConfig(url=cluster.url, timeout=1.0))
+    record = "idp:" + key("failover")
+    slot = key_slot(record.encode())
+    try:
+        await acquired(store, record)
+        async with store.watch(record) as watch:
+            old = cluster.owner(slot)
+            assert shard_subscribers(old) == 1
+            cluster.node(old).kill()
+
+            def promoted() -> bool:
+                with contextlib.suppress(redis.RedisError, RuntimeError):
+                    return cluster.owner(slot) != old
+                return False
+
+            await until(promoted)
+            new = cluster.owner(slot)
+            await until(lambda: shard_subscribers(new) == 1)
+            assert await watch.changed(WAKE)  # moved: re-check
             token = await acquired(store, record)
             assert await store.complete(record, token, RESPONSE, ttl=30)
             assert await watch.changed(WAKE)
