@@ -87,9 +87,16 @@ class Subscription:
             self._send(self._commands[0], channel)
         if self._runner is None or self._runner.done():
             self._runner = spawn(self._run(), "store-subscription")
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(self._timeout):
                 await asyncio.shield(future)
+        except TimeoutError:
+            # Unconfirmed: its waiters go on without it, and a confirmation coming later
+            # wakes them to re-check (what changed meanwhile may have been missed).
+            if self._confirming.get(channel) is future:
+                del self._confirming[channel]
+            if not future.done():
+                future.set_result(None)
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
