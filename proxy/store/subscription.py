@@ -239,10 +239,12 @@ class ClusterSubscriptions:
         self._timeout = timeout
         self._nodes: dict[str, Subscription] = {}
         self._where: dict[str, str] = {}  # channel -> name of the master it is subscribed on
+        self._rerouting: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def subscribe(self, channel: str) -> None:
         name = await self._cluster.master_name(channel)
-        if name is None:  # no slot map (the cluster is unreachable): the re-check will do
+        if name is None or self._closed:  # no slot map (unreachable): the re-check will do
             return
         self._where[channel] = name
         await self._node(name).subscribe(channel)
@@ -263,12 +265,14 @@ class ClusterSubscriptions:
         return subscription
 
     def _lost(self, name: str, channels: list[str]) -> None:
-        spawn(self._reroute(name, channels), "store-subscription")
+        task = spawn(self._reroute(name, channels), "store-subscription")
+        self._rerouting.add(task)
+        task.add_done_callback(self._rerouting.discard)
 
     async def _reroute(self, name: str, channels: list[str]) -> None:
         await self._cluster.refresh()
         for channel in channels:
-            if self._where.get(channel) != name:
+            if self._closed or self._where.get(channel) != name:
                 continue  # no longer wanted, or already moved
             now = await self._cluster.master_name(channel)
             if now is None or now == name:
@@ -279,5 +283,8 @@ class ClusterSubscriptions:
             self._watchers.notify(channel)
 
     async def close(self) -> None:
-        for subscription in self._nodes.values():
+        self._closed = True
+        for task in list(self._rerouting):
+            task.cancel()
+        for subscription in list(self._nodes.values()):
             await subscription.close()
