@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 import redis
 import redis.asyncio as aioredis
+import uvloop
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -49,7 +50,9 @@ return (u[1] - t[1]) * 1000000 + (u[2] - t[2])
 
 
 class Gate:
-    """The upstream: `/pay/...` waits for the round's release, anything else answers at once."""
+    """The upstream, a process of its own: `/pay/...` waits for the round's release, anything
+    else answers at once. The bench drives it: `POST /_round/N` starts a round of N held
+    requests, `GET /_arrived` answers once all N have arrived, `POST /_release` lets them go."""
 
     def __init__(self) -> None:
         self.arrived = 0
@@ -57,19 +60,40 @@ class Gate:
         self.all_arrived = asyncio.Event()
         self.release = asyncio.Event()
 
-    def new_round(self, expected: int) -> None:
-        self.arrived, self.expected = 0, expected
-        self.all_arrived.clear()
-        self.release.clear()
-
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
-        if request.path.startswith("/pay/"):
+        if request.path.startswith("/_round/"):
+            self.arrived, self.expected = 0, int(request.path.rsplit("/", 1)[1])
+            self.all_arrived.clear()
+            self.release.clear()
+        elif request.path == "/_arrived":
+            await self.all_arrived.wait()
+        elif request.path == "/_release":
+            self.release.set()
+        elif request.path.startswith("/pay/"):
             self.arrived += 1
             if self.arrived >= self.expected:
                 self.all_arrived.set()
             await self.release.wait()
-        return web.json_response({"id": os.urandom(4).hex()}, status=201)
+            return web.json_response({"id": os.urandom(4).hex()}, status=201)
+        return web.json_response({})
+
+
+def serve_gate(port: int) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", Gate().handle)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())  # fmt: skip
+
+
+def start_gate(tmp: Path) -> services.Server:
+    port = services.free_port()
+    argv = [sys.executable, __file__, "--upstream-port", str(port)]
+    process = services._spawn("upstream", argv, tmp / "upstream.log")
+    server = services.Server("upstream", port, process, tmp / "upstream.log",
+                             url=f"http://127.0.0.1:{port}")  # fmt: skip
+    services.wait_http(server, "/ready")
+    return server
 
 
 def proxy_config(port: int, admin_port: int, upstream: str, store_url: str) -> str:
@@ -102,7 +126,7 @@ async def start_proxy(tmp: Path, name: str, upstream: str, store_url: str) -> se
         while time.monotonic() < deadline:
             try:
                 async with session.post(server.url + "/open/ready", data=b"{}") as response:
-                    if response.status == 201:
+                    if response.status == 200:
                         return server
             except aiohttp.ClientError:
                 pass
@@ -126,16 +150,18 @@ async def post(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int,
         return response.status, time.perf_counter()
 
 
-async def one_round(session: aiohttp.ClientSession, gate: Gate, first: services.Server,
+async def one_round(session: aiohttp.ClientSession, gate: str, first: services.Server,
                     second: services.Server, store: aioredis.Redis, keys: int,
                     ) -> tuple[list[float], float]:  # fmt: skip
     """The delays of one round's waiters, and the begins proxy B made per waiter."""
-    gate.new_round(keys)
+    async with session.post(f"{gate}/_round/{keys}") as response:
+        await response.read()
     tag = os.urandom(4).hex()
     names = [f"{tag}-{i}" for i in range(keys)]
     before = await begins(session, second)
     firsts = [asyncio.ensure_future(post(session, first.url + "/pay/x", k)) for k in names]
-    await gate.all_arrived.wait()
+    async with session.get(f"{gate}/_arrived") as response:
+        await response.read()
     waiters = [asyncio.ensure_future(post(session, second.url + "/pay/x", k)) for k in names]
     # Every waiter is subscribed and has checked again since: it waits for its message.
     while True:
@@ -143,7 +169,8 @@ async def one_round(session: aiohttp.ClientSession, gate: Gate, first: services.
         if subscribed and await begins(session, second) - before >= 2 * keys:
             break
         await asyncio.sleep(0.005)
-    gate.release.set()
+    async with session.post(f"{gate}/_release") as response:
+        await response.read()
     answers = await asyncio.gather(*firsts)
     waited = await asyncio.gather(*waiters)
     if any(status != 201 for status, _ in (*answers, *waited)):
@@ -155,14 +182,8 @@ async def one_round(session: aiohttp.ClientSession, gate: Gate, first: services.
 async def latency(tmp: Path, keys: int, rounds: int) -> None:
     redis_server = services.start_redis(tmp, None)
     store_url = f"redis://127.0.0.1:{redis_server.port}/0"
-    gate = Gate()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", gate.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = services.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream = f"http://127.0.0.1:{port}"
+    gate = start_gate(tmp)
+    upstream = gate.url
     proxies = [await start_proxy(tmp, name, upstream, store_url) for name in ("a", "b")]
     store = aioredis.Redis(port=redis_server.port)
     delays: list[float] = []
@@ -171,16 +192,14 @@ async def latency(tmp: Path, keys: int, rounds: int) -> None:
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for _ in range(rounds):
-                spread, made = await one_round(session, gate, *proxies, store, keys)
+                spread, made = await one_round(session, gate.url, *proxies, store, keys)
                 delays += spread
                 medians.append(statistics.median(spread))
                 per_waiter.append(made)
     finally:
         await store.aclose()
-        for proxy in proxies:
-            proxy.stop()
-        await runner.cleanup()
-        redis_server.stop()
+        for server in (*proxies, gate, redis_server):
+            server.stop()
     delays.sort()
     ms = [d * 1000 for d in delays]
     print(f"waiters on another proxy, {keys} keys at once, {rounds} rounds ({len(ms)} waiters):")
@@ -249,10 +268,16 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=100_000)
+    parser.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)  # the gate's process
     args = parser.parse_args()
+    if args.upstream_port:
+        serve_gate(args.upstream_port)
+        return
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
-        asyncio.run(latency(tmp, args.keys, args.rounds))
+        # uvloop, as the proxies run: this loop plays 2 x keys clients and the upstream.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(latency(tmp, args.keys, args.rounds))
         publish_cost(tmp, args.calls)
 
 
