@@ -65,8 +65,10 @@ from proxy.targets import check_framing, origin_form, target_url
 from proxy.upstream import Answer, UpstreamClient, make_response, request_headers
 
 REPLAYED = (("Idempotent-Replayed", "true"),)
-_WAIT_FIRST_POLL = 0.005
-_WAIT_MAX_POLL = 0.1
+# A waiter re-checks at least this often even without a message (one lost by the store).
+_WAIT_RECHECK = 1.0
+# A lease is judged by the store's clock: re-check a little after it should have run out.
+_LEASE_MARGIN = 0.005
 _CONFLICT_RETRY_AFTER = 1.0
 
 
@@ -149,24 +151,31 @@ class Proxy:
     async def wait(
         self, record: RecordKey, fingerprint: str, route: RoutePolicy, ex: Exchange
     ) -> Decision:
-        """Poll until the first attempt settles or `wait_timeout` passes."""
-        deadline = time.monotonic() + route.wait_timeout
-        delay = _WAIT_FIRST_POLL
+        """Wait until the first attempt settles or `wait_timeout` passes, without polling.
+
+        The store wakes the watch when the record changes, on any proxy. The check right after
+        the watch opens covers a change made since the first check; the bounded re-check
+        (`_WAIT_RECHECK`, or the end of the lease, whichever comes first) covers a lost
+        message and an owner that died.
+        """
+        deadline = self.loop.time() + route.wait_timeout
         metrics.WAITING.inc()
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return InProgress(_CONFLICT_RETRY_AFTER)
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 2, _WAIT_MAX_POLL)
+            async with self.store.watch(record.store) as watch:
                 decision = await self.begin(record, fingerprint, route)
-                if isinstance(decision, Replay):
-                    ex.outcome = RequestOutcome.WAITED
-                if not isinstance(decision, InProgress):
-                    return decision
+                while isinstance(decision, InProgress):
+                    remaining = deadline - self.loop.time()
+                    if remaining <= 0:
+                        return InProgress(_CONFLICT_RETRY_AFTER)
+                    lease_end = decision.retry_after + _LEASE_MARGIN
+                    woken = await watch.changed(min(remaining, _WAIT_RECHECK, lease_end))
+                    (metrics.WAIT_WOKEN if woken else metrics.WAIT_TIMER).inc()
+                    decision = await self.begin(record, fingerprint, route)
         finally:
             metrics.WAITING.dec()
+        if isinstance(decision, Replay):
+            ex.outcome = RequestOutcome.WAITED
+        return decision
 
     async def observe(
         self, request: web.BaseRequest, route: RoutePolicy, ex: Exchange

@@ -98,6 +98,14 @@ WAITERS = Gauge(
     "Retries currently waiting for a first attempt to finish (on_concurrent: wait).",
     multiprocess_mode="livesum",
 )
+WAIT_CHECKS = Counter(
+    f"{PREFIX}_wait_checks_total",
+    "Checks a waiting retry made after its watch opened, by cause: woken (the store signalled"
+    " a change) or timer (no signal came: the 1 s fallback or the end of the lease).",
+    ["cause"],
+)
+WAIT_WOKEN = WAIT_CHECKS.labels("woken")
+WAIT_TIMER = WAIT_CHECKS.labels("timer")  # steadily rising: waiters are not being woken
 UNRECORDED = Counter(
     f"{PREFIX}_unrecorded_responses_total",
     "Responses returned to the client whose result could not be recorded (store failure).",

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Awaitable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from typing import Any
 
@@ -57,6 +58,7 @@ from proxy.store.base import (
     RecordInfo,
     Replay,
     Store,
+    Watch,
 )
 from proxy.upstream import Answer, Body, UpstreamClient
 
@@ -251,6 +253,9 @@ class TracedStore:
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return await self.inner.renew(key, token, lease=lease)
+
+    def watch(self, key: str) -> AbstractAsyncContextManager[Watch]:
+        return self.inner.watch(key)
 
     async def ping(self) -> None:
         await self.inner.ping()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from proxy import metrics
 from proxy.config import StoreConfig
 from proxy.errors import StoreError
-from proxy.store.base import Decision, Outcome, RecordInfo, Store
+from proxy.store.base import Decision, Outcome, RecordInfo, Store, Watch
 from proxy.store.topology import open_batcher
 from proxy.store_url import is_topology_url
 
@@ -80,6 +81,9 @@ class MeasuredStore:
 
     async def release(self, key: str, token: str) -> bool:
         return bool(await self._measure("release", self.inner.release(key, token)))
+
+    def watch(self, key: str) -> AbstractAsyncContextManager[Watch]:
+        return self.inner.watch(key)
 
     async def ping(self) -> None:
         await self._measure("ping", self.inner.ping())

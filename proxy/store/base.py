@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -125,6 +126,21 @@ class RecordInfo:
     tombstone: bool = False  # done, response expired: only fingerprint, kind, status kept
 
 
+class Watch(Protocol):
+    """Changes of one record, signalled from the moment its watch was opened."""
+
+    async def changed(self, timeout: float) -> bool:
+        """Return True once the record changed since the watch opened or since the last call
+        that returned True; False when `timeout` seconds passed without a change.
+
+        A change is a complete, a release, a delete, a takeover or a record turned "outcome
+        unknown". True may also come without a change (a lost subscription was re-established
+        and messages may have been missed): the caller re-checks with `begin`, always.
+        A lease that runs out is not signalled: the caller knows from `InProgress` when.
+        """
+        ...
+
+
 class Store(Protocol):
     """An idempotency store. Every method raises `proxy.errors.StoreError` on failure."""
 
@@ -175,6 +191,17 @@ class Store(Protocol):
 
     async def release(self, key: str, token: str) -> bool:
         """Delete the in-flight record if `token` owns it: the request was never delivered."""
+        ...
+
+    def watch(self, key: str) -> AbstractAsyncContextManager[Watch]:
+        """Watch the record at `key` for changes while the context is open.
+
+        Once entered, every change made afterwards, by any proxy sharing the store, is
+        signalled (a `begin` made after entering therefore misses nothing). Entering never
+        raises: when the store cannot subscribe (no connection, pub/sub refused), it gives up
+        within the store timeout and the watch only ever times out, so the caller's bounded
+        re-check still finds the result. Costs nothing to requests that do not wait.
+        """
         ...
 
     async def ping(self) -> None:

@@ -8,6 +8,9 @@ decides, exactly as for a Redis outage. Size the caps for the ttl and the key ra
 A record whose response has expired but that keeps a tombstone drops its headers and body
 when touched or swept, and counts as a record without a response from then on.
 The clock is injectable so leases and TTLs are tested without sleeping.
+
+Waiters (`on_concurrent: wait`) are woken by the transitions themselves: every complete,
+release, delete, takeover or "outcome unknown" signals the record's watches in this process.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from proxy.errors import StoreUnavailable
@@ -31,8 +35,10 @@ from proxy.store.base import (
     RecordInfo,
     Replay,
     StoredResponse,
+    Watch,
     new_token,
 )
+from proxy.store.watchers import Watchers
 
 _RECORD_OVERHEAD = 200  # bytes a record costs besides its response, roughly
 
@@ -78,6 +84,7 @@ class MemoryStore:
         self._max_bytes = max_bytes
         self._clock = clock
         self._sweep_after = 0.0  # when the next sweep of expired records can free anything
+        self._watchers = Watchers()
 
     def _get(self, key: str, now: float) -> _Record | None:
         record = self._records.get(key)
@@ -129,12 +136,14 @@ class MemoryStore:
             record.token = new_token()
             record.lease_until = now + lease
             record.expires_at = max(record.expires_at, now + lease)
+            self._watchers.notify(key)
             return Acquired(record.token, takeover=True)
         record.token = None
         record.outcome = UNKNOWN_OUTCOME
         if tombstone > 0:
             record.response_until = record.expires_at
             record.expires_at += tombstone
+        self._watchers.notify(key)
         return Replay(UNKNOWN_OUTCOME, age)
 
     def _owned(self, key: str, token: str) -> _Record | None:
@@ -168,12 +177,14 @@ class MemoryStore:
         if tombstone > 0:
             record.response_until = record.expires_at
             record.expires_at += tombstone
+        self._watchers.notify(key)
         return True
 
     async def release(self, key: str, token: str) -> bool:
         if self._owned(key, token) is None:
             return False
         self._drop(key)
+        self._watchers.notify(key)
         return True
 
     def _make_room(self, now: float) -> None:
@@ -217,7 +228,16 @@ class MemoryStore:
     async def delete(self, key: str) -> bool:
         existed = key in self._records
         self._drop(key)
+        self._watchers.notify(key)
         return existed
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Watch]:
+        watch, _ = self._watchers.add(key)
+        try:
+            yield watch
+        finally:
+            self._watchers.remove(key, watch)
 
     async def counts(self) -> dict[str, int]:
         now = self._clock()

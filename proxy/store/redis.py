@@ -10,6 +10,10 @@ concurrent requests travel together on connections redis-py establishes and keep
 hot path keeps its speed without connection code of our own. The store is built on a
 batcher, so the same scripts run on a standalone node, behind Sentinel, or per Cluster node.
 
+The scripts that settle a record publish on the record's channel, so waiters on every
+proxy are woken without polling (see `subscription.py`); the publish is a `redis.pcall`, so
+an ACL that forbids pub/sub only costs waiters their bounded re-check, never a write.
+
 Error replies are translated into `StoreUnavailable` here, and redis-py's own errors in
 `connection.py`, nowhere else.
 """
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from proxy.errors import StoreUnavailable
@@ -35,6 +40,7 @@ from proxy.store.base import (
     RecordInfo,
     Replay,
     StoredResponse,
+    Watch,
     new_token,
 )
 from proxy.store.connection import (
@@ -43,7 +49,9 @@ from proxy.store.connection import (
     Unanswered,
     connection_pool,
 )
+from proxy.store.subscription import ClusterSubscriptions, Subscription
 from proxy.store.topology import Batcher, ClusterBatcher
+from proxy.store.watchers import Watchers
 from proxy.tasks import spawn
 
 # Record fields: st (f = in flight, d = done), fp, tok, exp (lease deadline, ms, server
@@ -69,6 +77,11 @@ local function keep_for_lease(lease)
   end
 end
 """
+
+# Tell the record's waiters, on every proxy, that it changed (see `subscription.py`). The
+# channel is the record's key; PUBLISH becomes SPUBLISH on a Cluster. A pcall: a refused
+# publish (an ACL without pub/sub) must not fail the write before it.
+_PUBLISH = "redis.pcall('PUBLISH', KEYS[1], '{what}')"
 
 # Keep a done record `tomb` ms past the end of its response, which `until` marks.
 _KEEP_TOMBSTONE = """
@@ -127,11 +140,17 @@ if left > 0 then return {4, left, age} end
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'tok', ARGV[2], 'exp', now + ARGV[3])
   keep_for_lease(ARGV[3])
+  """
+    + _PUBLISH.format(what="taken")
+    + """
   return {2}
 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'kind', 'unknown', 'status', '0', 'hdrs', '', 'body', '')
 redis.call('HDEL', KEYS[1], 'tok', 'exp')
 if tonumber(ARGV[6]) > 0 then keep_tombstone(now + redis.call('PTTL', KEYS[1]), ARGV[6]) end
+"""
+    + _PUBLISH.format(what="unknown")
+    + """
 return {3, 'unknown', '0', '', '', age}
 """
 )
@@ -167,17 +186,36 @@ if tonumber(ARGV[7]) > 0 then
 else
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
+"""
+    + _PUBLISH.format(what="done")
+    + """
 return 1
 """
 )
 
 # KEYS[1] record; ARGV token -> 1 released | 0 not the owner (or already done)
-RELEASE = """
+RELEASE = (
+    """
 local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
 if r[1] ~= 'f' or r[2] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+"""
+    + _PUBLISH.format(what="released")
+    + """
 return 1
 """
+)
+
+# KEYS[1] record -> 1 deleted | 0 no record (an operator's purge; waiters re-check)
+DELETE = (
+    """
+local n = redis.call('DEL', KEYS[1])
+"""
+    + _PUBLISH.format(what="deleted")
+    + """
+return n
+"""
+)
 
 # KEYS[1] record
 # -> {st, fp, exp-now or false, pttl, kind, status, body length, tombstone 1/0} or {}
@@ -203,9 +241,14 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-_BEGIN, _RENEW, _COMPLETE, _RELEASE, _INSPECT = (
-    _Script(s) for s in (BEGIN, RENEW, COMPLETE, RELEASE, INSPECT)
+_BEGIN, _RENEW, _COMPLETE, _RELEASE, _DELETE, _INSPECT = (
+    _Script(s) for s in (BEGIN, RENEW, COMPLETE, RELEASE, DELETE, INSPECT)
 )
+
+
+def _sharded(script: _Script) -> _Script:
+    """The script for a Cluster: its messages stay on the record's shard."""
+    return _Script(script.source.replace("redis.pcall('PUBLISH'", "redis.pcall('SPUBLISH'"))
 
 
 def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
@@ -265,6 +308,16 @@ class RedisStore:
                 connection_pool(url, timeout), timeout, min_replicas_ack=min_replicas_ack
             )
         self._batcher = batcher
+        self._watchers = Watchers()
+        self._subscription: Subscription | ClusterSubscriptions
+        scripts: tuple[_Script, ...] = (_BEGIN, _COMPLETE, _RELEASE, _DELETE)
+        if isinstance(batcher, ClusterBatcher):
+            self._subscription = ClusterSubscriptions(batcher, self._watchers, timeout)
+            scripts = tuple(_sharded(script) for script in scripts)
+        else:
+            assert isinstance(batcher, RedisBatcher)
+            self._subscription = Subscription(batcher.pool, self._watchers, timeout)
+        self._begin, self._complete, self._release, self._delete = scripts
         # (record, token) of begins that went unanswered -> releases Redis answered since.
         self._orphans: dict[tuple[str, str], int] = {}
         self._withdrawing: asyncio.Task[None] | None = None
@@ -291,7 +344,7 @@ class RedisStore:
         token = new_token()
         try:
             reply = await self._write(
-                _BEGIN, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0,
+                self._begin, key, fingerprint, token, _ms(lease), _ms(ttl), 1 if takeover else 0,
                 _ms_or_off(tombstone),
             )  # fmt: skip
         except Unanswered:
@@ -329,7 +382,7 @@ class RedisStore:
             delay = min(delay * 2, _WITHDRAW_MAX)
             pending = list(self._orphans)
             results = await asyncio.gather(
-                *(self._call(_RELEASE, key, token) for key, token in pending),
+                *(self._call(self._release, key, token) for key, token in pending),
                 return_exceptions=True,
             )
             for orphan, result in zip(pending, results, strict=True):
@@ -349,13 +402,24 @@ class RedisStore:
         response = outcome.response
         return bool(
             await self._write(
-                _COMPLETE, key, token, _ms(ttl), outcome.kind, response.status,
+                self._complete, key, token, _ms(ttl), outcome.kind, response.status,
                 encode_headers(response.headers), response.body, _ms_or_off(tombstone),
             )
         )  # fmt: skip
 
     async def release(self, key: str, token: str) -> bool:
-        return bool(await self._call(_RELEASE, key, token))
+        return bool(await self._call(self._release, key, token))
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Watch]:
+        watch, _ = self._watchers.add(key)
+        try:
+            # Every waiter awaits the confirmation, so its next `begin` misses no message.
+            await self._subscription.subscribe(key)
+            yield watch
+        finally:
+            if self._watchers.remove(key, watch):
+                self._subscription.unsubscribe(key)
 
     async def ping(self) -> None:
         """Prove the store takes writes: a `PING` would pass on a demoted primary."""
@@ -382,7 +446,7 @@ class RedisStore:
         )  # fmt: skip
 
     async def delete(self, key: str) -> bool:
-        return bool(_checked(await self._batcher.call("DEL", key)))
+        return bool(await self._call(self._delete, key))
 
     async def counts(self) -> dict[str, int]:
         counts = {"in_flight": 0, "done": 0}
@@ -396,6 +460,7 @@ class RedisStore:
     async def close(self) -> None:
         if self._withdrawing is not None:
             self._withdrawing.cancel()
+        await self._subscription.close()
         await self._batcher.close()
 
 

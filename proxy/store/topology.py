@@ -246,6 +246,22 @@ class ClusterBatcher:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await self._read_slots()  # on failure, the next failing call asks again
 
+    async def master_name(self, key: str) -> str | None:
+        """The name of the master serving `key`'s slot, or None when no master is known."""
+        with contextlib.suppress(StoreUnavailable, RedisError):
+            if not self._nodes.slots_cache:
+                await self._start()
+            return str(self._nodes.get_node_from_slot(self._cluster.keyslot(key)).name)
+        return None
+
+    def node_pool(self, name: str) -> ConnectionPool:
+        """The connection pool of the node `name` (for its pub/sub connection)."""
+        return self._batcher(name).pool
+
+    async def refresh(self) -> None:
+        """Re-read the slot map now (a node failed); failing quietly."""
+        await self._refresh()
+
     async def masters(self) -> list[RedisBatcher]:
         """A batcher per master, for the commands that concern every node (SCAN)."""
         if not self._nodes.slots_cache:

@@ -393,3 +393,48 @@ async def test_without_a_tombstone_nothing_outlives_the_ttl(store: Store) -> Non
     response_ends = await complete_new(store, record, ttl=0.1, tombstone=0)
     await sleep_until(response_ends + 0.1)
     assert isinstance(await begin(store, record), Acquired)
+
+
+# --- watching a record (on_concurrent: wait) -------------------------------------------
+
+# Long enough for a message to cross a loaded machine; a woken watch returns far sooner.
+WAKE = 5.0
+
+
+async def test_a_watch_is_woken_when_its_record_completes_or_is_released(store: Store) -> None:
+    """A complete and a release of the watched record each wake its watch; nothing else does."""
+    record, other = record_key("w"), record_key("o")
+    lock = await begin(store, record)
+    unrelated = await begin(store, other)
+    assert isinstance(lock, Acquired) and isinstance(unrelated, Acquired)
+    async with store.watch(record) as watch:
+        assert not await watch.changed(0.02)
+        assert await store.complete(other, unrelated.token, RESPONSE, ttl=TTL)
+        assert await store.renew(record, lock.token, lease=LEASE)
+        assert not await watch.changed(0.05)  # another record, a renewal: no change
+        assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
+        assert await watch.changed(WAKE)
+    released = record_key("r")
+    lock = await begin(store, released)
+    assert isinstance(lock, Acquired)
+    async with store.watch(released) as first, store.watch(released) as second:
+        assert await store.release(released, lock.token)
+        assert await first.changed(WAKE) and await second.changed(WAKE)  # every waiter
+
+
+async def test_a_watch_is_woken_by_a_takeover_an_unknown_outcome_and_a_delete(
+    store: Store,
+) -> None:
+    """A takeover, a record turned "outcome unknown" and an operator's delete are changes."""
+    taken, unknown = record_key("t"), record_key("u")
+    await begin(store, taken, lease=0.05)
+    await begin(store, unknown, lease=0.05)
+    async with store.watch(taken) as on_taken, store.watch(unknown) as on_unknown:
+        await asyncio.sleep(0.1)  # both owners "die": their leases run out
+        assert not await on_taken.changed(0)  # a lease running out is no message
+        assert isinstance(await begin(store, taken, takeover=True), Acquired)
+        assert await on_taken.changed(WAKE)
+        assert await begin(store, unknown) == Replay(UNKNOWN_OUTCOME)
+        assert await on_unknown.changed(WAKE)
+        assert await store.delete(taken)
+        assert await on_taken.changed(WAKE)
