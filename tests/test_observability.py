@@ -215,7 +215,7 @@ async def wait_until_ready(running: ProxyProcess, listening: int) -> None:
                     healthy = response.status == 200
             except aiohttp.ClientError:
                 healthy = False
-            ready = listening == 0 or running.text().count('"event": "listening"') >= listening
+            ready = listening == 0 or running.text().count('"event":"listening"') >= listening
             if healthy and ready:
                 return
             await asyncio.sleep(0.05)
@@ -369,3 +369,73 @@ async def test_workers_add_up_their_metrics_and_all_reload(
             async with client.post(proxy.url + "/v1/pay", data=b"{}") as response:
                 assert response.status == 400, proxy.text()  # whichever worker answers
     assert await proxy.stop(timeout=15) == 0, proxy.text()
+
+
+# --- the access log under load, on SIGTERM and on reload -------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout}s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_access_lines_stay_whole_under_concurrency_and_none_is_lost_on_sigterm(
+    launch: Launcher, client: aiohttp.ClientSession, upstream: Upstream
+) -> None:
+    """200 concurrent requests, odd paths too: one whole JSON line each; SIGTERM with requests
+    in flight still writes every line before the process exits."""
+    proxy = await launch()
+    paths = ["/v1/pay", '/v1/"quoted"\\back', "/v1/caf%C3%A9", "/v1/%00nul", "/v1/%ED%A0%80"]
+
+    async def post(request_id: str, path: str) -> int:
+        headers = {"X-Request-Id": request_id, "Idempotency-Key": request_id}
+        async with client.post(proxy.url + path, data=b"{}", headers=headers) as response:
+            await response.read()
+            return response.status
+
+    burst = [f"burst-{index}" for index in range(200)]
+    await asyncio.gather(*(post(rid, paths[i % len(paths)]) for i, rid in enumerate(burst)))
+    slow = [f"slow-{index}" for index in range(5)]
+    running = [asyncio.ensure_future(post(rid, "/delay/0.3/v1/pay")) for rid in slow]
+    await until(lambda: all(upstream.calls[rid] for rid in slow), "the slow requests arrived")
+    assert await proxy.stop() == 0
+    assert await asyncio.gather(*running) == [201] * len(slow)  # drained, not cut off
+
+    text = proxy.text()
+    assert text.endswith("\n")
+    lines = proxy.lines()  # each one parses as JSON
+    logged = [line for line in lines if line["event"] == "request"]
+    assert sorted(line["request_id"] for line in logged) == sorted(burst + slow)
+    assert all(line.keys() == ACCESS_FIELDS for line in logged)
+    assert {"/v1/café", "/v1/\x00nul", '/v1/"quoted"\\back'} <= {line["path"] for line in logged}
+    assert lines[-1]["event"] == "stopped"
+
+
+async def test_a_reload_switches_the_access_log_level(
+    launch: Launcher, client: aiohttp.ClientSession
+) -> None:
+    """log_level: warning on reload stops the access lines at once; back to info, they return."""
+    proxy = await launch()
+    raw = yaml.safe_load(proxy.config.read_text())
+
+    async def post(request_id: str) -> None:
+        async with client.post(proxy.url + "/v1/pay", data=b"{}",
+                               headers={"X-Request-Id": request_id}) as response:  # fmt: skip
+            assert response.status == 201
+
+    async def reload(level: str) -> None:
+        proxy.config.write_text(yaml.safe_dump({**raw, "log_level": level}))
+        async with client.post(proxy.admin_url + "/admin/reload") as response:
+            assert (await response.json())["status"] == "applied"
+
+    await post("at-info")
+    await reload("warning")
+    await post("at-warning")
+    await reload("info")
+    await post("back-at-info")
+    await wait_for(proxy, "request", 2)
+    assert await proxy.stop() == 0
+    assert [line["request_id"] for line in proxy.named("request")] == ["at-info", "back-at-info"]
+
