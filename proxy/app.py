@@ -30,6 +30,7 @@ PROXY = web.AppKey("proxy", Proxy)
 def create_app(config: Config, store: Store | None = None) -> web.Application:
     """The application owning the proxy's resources. `store` overrides the configured one."""
     app = web.Application()
+    metrics.declare_routes((route.id, route.methods) for route in config.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         backend = MeasuredStore(store if store is not None else open_store(config.store))

@@ -56,6 +56,7 @@ def reload_file(proxy: Proxy, config_path: str, apply: bool = True) -> Reloaded:
     if not apply:
         return Reloaded(applied=False, routes=routes, restart_required=restart)
     proxy.reload(effective)
+    metrics.declare_routes((route.id, route.methods) for route in effective.routes)
     logs.set_level(effective.log_level)
     metrics.CONFIG_RELOADS.labels("applied").inc()
     if restart:
