@@ -113,7 +113,12 @@ class Measurement:
     redis_cpu: float | None = None
     upstream_cpu: float | None = None
     skipped: str | None = None
+    log_level: str | None = None  # the proxy's; None for the other hops
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.case if self.log_level is None else f"{self.case} @ {self.log_level}"
 
     def per_request(self, seconds: float | None) -> float | None:
         if seconds is None or self.result is None or self.result.requests == 0:
@@ -295,7 +300,9 @@ class Run:
     latency: dict[str, wrk.WrkResult] = field(default_factory=dict)
     profiles: dict[str, str] = field(default_factory=dict)
 
-    def start_hop(self, case: Case, workers: int, cpus: str | None) -> Server | None:
+    def start_hop(
+        self, case: Case, workers: int, cpus: str | None, level: str | None
+    ) -> Server | None:
         if case.hop == "direct":
             return None
         if case.hop == "nginx":
@@ -315,19 +322,23 @@ class Run:
             store_url,
             workers,
             cpus,
-            self.args.log_level,
+            level or self.args.log_levels[0],
             self.proxy_workers_flag,
         )
 
-    def measure(self, case: Case, workers: int, place: Placement) -> Measurement:
-        m = Measurement(case.name, workers)
+    def measure(
+        self, case: Case, workers: int, place: Placement, level: str | None = None
+    ) -> Measurement:
+        m = Measurement(case.name, workers, log_level=level)
         if case.hop == "proxy" and workers > 1 and not self.proxy_workers_flag:
             m.skipped = "idempotency-proxy has no --workers option yet"
             return m
         if case.store == "memory" and workers > 1:
             m.skipped = "memory:// belongs to one process; the proxy refuses --workers > 1 with it"
             return m
-        hop = self.start_hop(case, workers, place.hop)
+        hop = self.start_hop(case, workers, place.hop, level)
+        # One-connection latency and profiles at the first log level only (the default).
+        first_level = level in (None, self.args.log_levels[0])
         target = hop if hop is not None else self.upstream
         try:
             url = target.url + case.path
@@ -388,12 +399,18 @@ class Run:
             if hop is not None and not hop.alive():
                 raise RuntimeError(f"{hop.name} died during the run:\n{hop.log_tail()}")
 
-            if workers == 1 and self.args.latency_duration > 0 and case.name in LATENCY_HOPS:
+            if (
+                workers == 1
+                and first_level
+                and self.args.latency_duration > 0
+                and case.name in LATENCY_HOPS
+            ):
                 self.latency[case.name] = load(self.args.latency_duration, 1, 1, "l")
             if (
                 hop is not None
                 and case.name in self.args.profile_cases
                 and workers == 1
+                and first_level
                 and self.args.profile > 0
             ):
                 self.profile(
@@ -448,7 +465,7 @@ def throughput_table(run: Run) -> list[str]:
     titles = {c.name: c.title for c in CASES}
     reference = {m.workers: m for m in run.results if m.case == "passthrough" and m.result}
     for m in run.results:
-        title = f"{m.case}: {titles[m.case]}"
+        title = f"{m.name}: {titles[m.case]}"
         if m.skipped or m.result is None:
             lines.append(f"| {title} | {m.workers} | skipped: {m.skipped} | | | | | | |")
             continue
@@ -497,10 +514,23 @@ def latency_table(run: Run) -> list[str]:
 
 
 def targets(run: Run, rtt: dict[str, float] | None) -> list[tuple[str, bool | None, str]]:
-    """(target, passed or None when it could not be measured, the figures)."""
+    """(target, passed or None when it could not be measured, the figures), per log level."""
+    out = []
+    for level in run.args.log_levels:
+        results = [m for m in run.results if m.log_level in (None, level)]
+        latency = run.latency if level == run.args.log_levels[0] else {}
+        suffix = f" [log_level {level}]" if len(run.args.log_levels) > 1 else ""
+        out += [(f"{label}{suffix}", passed, figures)
+                for label, passed, figures in level_targets(results, latency, rtt)]  # fmt: skip
+    return out
+
+
+def level_targets(
+    results: list[Measurement], latency: dict[str, wrk.WrkResult], rtt: dict[str, float] | None
+) -> list[tuple[str, bool | None, str]]:
     out: list[tuple[str, bool | None, str]] = []
-    by = {(m.case, m.workers): m for m in run.results if m.result is not None}
-    workers = sorted({m.workers for m in run.results})
+    by = {(m.case, m.workers): m for m in results if m.result is not None}
+    workers = sorted({m.workers for m in results})
     for case, minimum in (
         ("redis-first", 0.85),
         ("mem-first", 0.9),
@@ -511,7 +541,7 @@ def targets(run: Run, rtt: dict[str, float] | None) -> list[tuple[str, bool | No
             m, ref = by.get((case, w)), by.get(("passthrough", w))
             label = f"{case} req/s >= {minimum}x pass-through, {w} worker(s)"
             if m is None or ref is None or m.result is None or ref.result is None:
-                if (case, w) in {(x.case, x.workers) for x in run.results}:
+                if (case, w) in {(x.case, x.workers) for x in results}:
                     out.append((label, None, "not measured"))
                 continue
             value = m.result.rps / ref.result.rps
@@ -519,15 +549,15 @@ def targets(run: Run, rtt: dict[str, float] | None) -> list[tuple[str, bool | No
             if m.result.errors:
                 note += f", {m.result.errors} errors"
             out.append((label, value >= minimum and not m.result.errors, note))
-    if rtt is not None and "passthrough" in run.latency:
+    if rtt is not None and "passthrough" in latency:
         budget = 2 * rtt["p50"] + 30e-6
-        base = run.latency["passthrough"].p50
+        base = latency["passthrough"].p50
         for case, allowed, words in (
             ("redis-first", budget, "2 Redis round trips + 30 us"),
             ("mem-first", 30e-6, "30 us (no round trip)"),
         ):
-            if case in run.latency:
-                added = run.latency[case].p50 - base
+            if case in latency:
+                added = latency[case].p50 - base
                 out.append(
                     (
                         f"{case} added p50 at 1 connection <= {words} over pass-through",
@@ -548,7 +578,7 @@ def targets(run: Run, rtt: dict[str, float] | None) -> list[tuple[str, bool | No
             one, two = by.get((case, 1)), by.get((case, 2))
             label = f"{case} 2 workers >= 1.7x of 1 worker"
             if one is None or two is None or one.result is None or two.result is None:
-                if (case, 2) in {(x.case, x.workers) for x in run.results}:
+                if (case, 2) in {(x.case, x.workers) for x in results}:
                     out.append((label, None, "not measured (see skipped rows)"))
                 continue
             value = two.result.rps / one.result.rps
@@ -568,7 +598,7 @@ def warnings(run: Run, meta: dict[str, Any]) -> list[str]:
         share, load_busy = m.extra.get("hop_cpu_share"), m.extra.get("load_cpus_busy")
         if share is not None and load_busy is not None and load_busy > 0.9 and share < 0.85:
             out.append(
-                f"{m.case}, {m.workers} worker(s): the load CPUs were {load_busy:.0%} busy "
+                f"{m.name}, {m.workers} worker(s): the load CPUs were {load_busy:.0%} busy "
                 f"and the hop only {share:.0%}: the load side, not the hop, set the pace"
             )
     return out
@@ -582,6 +612,7 @@ def to_json(run: Run, rtt: dict[str, float] | None, meta: dict[str, Any]) -> dic
             {
                 "case": m.case,
                 "workers": m.workers,
+                "log_level": m.log_level,
                 "skipped": m.skipped,
                 "wrk": m.result.as_dict() if m.result else None,
                 "hop_cpu_seconds": m.hop_cpu,
@@ -643,9 +674,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--log-level",
-        default="warning",
-        choices=("info", "warning"),
-        help="the proxy's log_level (info writes one JSON line per request)",
+        default="info,warning",
+        help="the proxy's log_level(s), comma-separated: each proxy case runs at each "
+        "(default info,warning: info, the default, writes one JSON line per request; "
+        "one-connection latency and profiles use the first)",
     )
     parser.add_argument(
         "--profile",
@@ -667,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {','.join(CASE_NAMES)}")
     args.profile_cases = [c.strip() for c in args.profile_cases.split(",") if c.strip()]
+    args.log_levels = [level.strip() for level in args.log_level.split(",") if level.strip()]
+    if not args.log_levels or set(args.log_levels) - {"debug", "info", "warning", "error"}:
+        parser.error(f"--log-level: expected levels like info,warning, got {args.log_level!r}")
     return args
 
 
@@ -675,8 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     cases = [c for c in CASES if c.name in args.only]
     per_case = args.warmup + args.duration + 1.5
+    runs = sum(len(args.log_levels) if c.hop == "proxy" else 1 for c in cases)
     estimate = (
-        len(cases) * len(args.workers) * per_case
+        runs * len(args.workers) * per_case
         + (
             len([c for c in cases if c.name in LATENCY_HOPS]) * args.latency_duration
             if 1 in args.workers
@@ -723,17 +759,20 @@ def main(argv: list[str] | None = None) -> int:
                 if rtt is None:
                     rtt = redis_round_trip(redis.url, place.hop)
             for case in cases:
-                print(f"  {case.name}, {workers} worker(s) ...", end="", flush=True)
-                m = run.measure(case, workers, place)
-                run.results.append(m)
-                if m.result is not None:
-                    print(
-                        f" {m.result.rps:,.0f} req/s, p50 {ms(m.result.p50)}"
-                        + (f", {m.result.errors} errors" if m.result.errors else ""),
-                        flush=True,
-                    )
-                else:
-                    print(f" skipped: {m.skipped}", flush=True)
+                # Proxy cases once per log level, back to back, so that they compare.
+                for level in args.log_levels if case.hop == "proxy" else [None]:
+                    name = case.name if level is None else f"{case.name} @ {level}"
+                    print(f"  {name}, {workers} worker(s) ...", end="", flush=True)
+                    m = run.measure(case, workers, place, level)
+                    run.results.append(m)
+                    if m.result is not None:
+                        print(
+                            f" {m.result.rps:,.0f} req/s, p50 {ms(m.result.p50)}"
+                            + (f", {m.result.errors} errors" if m.result.errors else ""),
+                            flush=True,
+                        )
+                    else:
+                        print(f" skipped: {m.skipped}", flush=True)
     finally:
         for server in (upstream, redis):
             if server is not None:
@@ -746,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         "placement": placements,
         "connections": args.connections,
         "duration": args.duration,
-        "log_level": args.log_level,
+        "log_levels": args.log_levels,
         "proxy_workers_flag": run.proxy_workers_flag,
         "loadavg_before": loadavg_before,
         "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
@@ -760,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"wrk -c{args.connections}, {args.duration:g}s per case; proxy log_level "
-        f"{args.log_level}; (x) = ratio to the bare pass-through with the same workers;"
+        f"{' and '.join(args.log_levels)} (`case @ level`); (x) = ratio to the bare "
+        "pass-through with the same workers;"
     )
     print("hop CPU = the hop's processes (all workers), per request and as % of one core.")
     for workers, text in placements.items():

@@ -86,7 +86,7 @@ class Proxy:
     def reload(self, config: Config) -> None:
         self.config = config
         self.router = Router(config.routes)
-        metrics.declare_routes(route.id for route in config.routes)
+        metrics.declare_routes((route.id, route.methods) for route in config.routes)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ex = request[EXCHANGE]

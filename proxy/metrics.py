@@ -33,6 +33,8 @@ PREFIX: Final = "idempotency_proxy"
 # Every value the `outcome` label can take.
 OUTCOMES: Final = tuple(RequestOutcome)
 STORE_OPERATIONS: Final = ("begin", "renew", "complete", "release", "ping", "admin")
+LEASE_RESULTS: Final = ("renewed", "lost", "error")
+RELOAD_RESULTS: Final = ("applied", "rejected")
 KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -159,14 +161,16 @@ KEYLESS_DUPLICATES = Counter(
 )
 
 
-def declare_routes(route_ids: Iterable[str]) -> None:
-    """Export every route's observe-mode series as 0 from the first scrape."""
-    for route in route_ids:
-        OBSERVED_REQUESTS.labels(route)
-        OBSERVED_KEYS.labels(route)
-        KEYLESS_DUPLICATES.labels(route)
-        for kind in WOULD_KINDS:
-            WOULD.labels(route, kind)
+# Every series a dashboard or an alert reads exists from the first scrape, at 0 (the
+# Prometheus instrumentation guide: a series that appears only with its first event shows
+# "no data" and breaks `rate` and `increase` until then). Those labelled by route are created
+# for the configured routes by `declare_routes`.
+for _label in LEASE_RESULTS:
+    LEASE_RENEWALS.labels(_label)
+for _label in RELOAD_RESULTS:
+    CONFIG_RELOADS.labels(_label)
+for _label in STORE_OPERATIONS:
+    STORE_ERRORS.labels(_label)
 
 
 # --- batched updates --------------------------------------------------------------------
@@ -271,16 +275,29 @@ IN_FLIGHT_RECORDS = _local(LocalGauge(IN_FLIGHT))
 WAITING = _local(LocalGauge(WAITERS))
 
 
-def observe_request(route: str, method: str, outcome: str, seconds: float) -> None:
-    """Count one finished request and its duration."""
-    method = method if method in KNOWN_METHODS else "other"
-    key = (route, method, outcome)
-    pair = _requests.get(key)
+def _request_series(route: str, method: str, outcome: str) -> tuple[LocalCounter, LocalHistogram]:
+    pair = _requests.get((route, method, outcome))
     if pair is None:
-        pair = _requests[key] = (
+        pair = _requests[route, method, outcome] = (
             _local(LocalCounter(REQUESTS.labels(route, method, outcome))),
             _local(LocalHistogram(REQUEST_DURATION.labels(route, outcome))),
         )
+    return pair
+
+
+def _upstream_series(route: str) -> LocalHistogram:
+    histogram = _upstream.get(route)
+    if histogram is None:
+        histogram = _upstream[route] = _local(LocalHistogram(UPSTREAM_DURATION.labels(route)))
+    return histogram
+
+
+def observe_request(route: str, method: str, outcome: str, seconds: float) -> None:
+    """Count one finished request and its duration."""
+    method = method if method in KNOWN_METHODS else "other"
+    pair = _requests.get((route, method, outcome))
+    if pair is None:
+        pair = _request_series(route, method, outcome)
     pair[0].inc()
     pair[1].observe(seconds)
 
@@ -299,8 +316,25 @@ def observed(route: str) -> tuple[LocalCounter, LocalCounter]:
 def observe_upstream(route: str, seconds: float) -> None:
     histogram = _upstream.get(route)
     if histogram is None:
-        histogram = _upstream[route] = _local(LocalHistogram(UPSTREAM_DURATION.labels(route)))
+        histogram = _upstream_series(route)
     histogram.observe(seconds)
+
+
+def declare_routes(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Create the series of each (route id, protected methods) at 0: every outcome, the
+    upstream duration, the unrecorded responses and the observe-mode counts. At start, and
+    for new routes on reload."""
+    for route, methods in routes:
+        for method in methods:
+            for outcome in OUTCOMES:
+                _request_series(route, method_label(method), outcome)
+        _upstream_series(route)
+        UNRECORDED.labels(route)
+        OBSERVED_REQUESTS.labels(route)
+        OBSERVED_KEYS.labels(route)
+        KEYLESS_DUPLICATES.labels(route)
+        for kind in WOULD_KINDS:
+            WOULD.labels(route, kind)
 
 
 def flush() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,9 +27,11 @@ import yaml
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import metrics
 from proxy.config import describe, parse_config
 from proxy.server import Running
 from tests.conftest import ProxyFactory, RedisServer, Upstream, free_port, key
+from tests.test_deploy import _alert_rules, _dashboard_exprs
 
 _REPO = Path(__file__).resolve().parent.parent
 # Variables the test environment must not leak into a proxy process.
@@ -99,6 +102,7 @@ async def test_metrics_count_every_outcome_of_a_scripted_sequence(
         for (name, label_set), count in after.items()
         if name == "idempotency_proxy_requests_total"
         and (labels := dict(label_set))["route"] in (strict, loose)
+        and count  # the other outcomes are there too, at 0
     }
     assert counted == {
         (strict, "POST", "forwarded"): 2, (strict, "POST", "replayed"): 1,
@@ -216,7 +220,7 @@ async def wait_until_ready(running: ProxyProcess, listening: int) -> None:
                     healthy = response.status == 200
             except aiohttp.ClientError:
                 healthy = False
-            ready = listening == 0 or running.text().count('"event": "listening"') >= listening
+            ready = listening == 0 or running.text().count('"event":"listening"') >= listening
             if healthy and ready:
                 return
             await asyncio.sleep(0.05)
@@ -370,3 +374,142 @@ async def test_workers_add_up_their_metrics_and_all_reload(
             async with client.post(proxy.url + "/v1/pay", data=b"{}") as response:
                 assert response.status == 400, proxy.text()  # whichever worker answers
     assert await proxy.stop(timeout=15) == 0, proxy.text()
+
+
+# --- the access log under load, on SIGTERM and on reload -------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout}s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_access_lines_stay_whole_under_concurrency_and_none_is_lost_on_sigterm(
+    launch: Launcher, client: aiohttp.ClientSession, upstream: Upstream
+) -> None:
+    """200 concurrent requests, odd paths too: one whole JSON line each; SIGTERM with requests
+    in flight still writes every line before the process exits."""
+    proxy = await launch()
+    paths = ["/v1/pay", '/v1/"quoted"\\back', "/v1/caf%C3%A9", "/v1/%00nul", "/v1/%ED%A0%80"]
+
+    async def post(request_id: str, path: str) -> int:
+        headers = {"X-Request-Id": request_id, "Idempotency-Key": request_id}
+        async with client.post(proxy.url + path, data=b"{}", headers=headers) as response:
+            await response.read()
+            return response.status
+
+    burst = [f"burst-{index}" for index in range(200)]
+    await asyncio.gather(*(post(rid, paths[i % len(paths)]) for i, rid in enumerate(burst)))
+    slow = [f"slow-{index}" for index in range(5)]
+    running = [asyncio.ensure_future(post(rid, "/delay/0.3/v1/pay")) for rid in slow]
+    await until(lambda: all(upstream.calls[rid] for rid in slow), "the slow requests arrived")
+    assert await proxy.stop() == 0
+    assert await asyncio.gather(*running) == [201] * len(slow)  # drained, not cut off
+
+    text = proxy.text()
+    assert text.endswith("\n")
+    lines = proxy.lines()  # each one parses as JSON
+    logged = [line for line in lines if line["event"] == "request"]
+    assert sorted(line["request_id"] for line in logged) == sorted(burst + slow)
+    assert all(line.keys() == ACCESS_FIELDS for line in logged)
+    assert {"/v1/café", "/v1/\x00nul", '/v1/"quoted"\\back'} <= {line["path"] for line in logged}
+    assert lines[-1]["event"] == "stopped"
+
+
+async def test_a_reload_switches_the_access_log_level(
+    launch: Launcher, client: aiohttp.ClientSession
+) -> None:
+    """log_level: warning on reload stops the access lines at once; back to info, they return."""
+    proxy = await launch()
+    raw = yaml.safe_load(proxy.config.read_text())
+
+    async def post(request_id: str) -> None:
+        async with client.post(proxy.url + "/v1/pay", data=b"{}",
+                               headers={"X-Request-Id": request_id}) as response:  # fmt: skip
+            assert response.status == 201
+
+    async def reload(level: str) -> None:
+        proxy.config.write_text(yaml.safe_dump({**raw, "log_level": level}))
+        async with client.post(proxy.admin_url + "/admin/reload") as response:
+            assert (await response.json())["status"] == "applied"
+
+    await post("at-info")
+    await reload("warning")
+    await post("at-warning")
+    await reload("info")
+    await post("back-at-info")
+    await wait_for(proxy, "request", 2)
+    assert await proxy.stop() == 0
+    assert [line["request_id"] for line in proxy.named("request")] == ["at-info", "back-at-info"]
+
+
+# --- metrics from the first scrape -----------------------------------------------------
+
+_SELECTOR = re.compile(r"\b(idempotency_proxy_\w+)(?:\{([^}]*)\})?")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!=|!~|=)\s*"([^"]*)"')
+
+
+def queried_series() -> set[tuple[str, frozenset[tuple[str, str]]]]:
+    """(metric, label values it must have) for each selector of the dashboard and alerts;
+    `outcome=~"a|b"` asks for both, a matcher on a variable (`$route`) for none."""
+    exprs = [*_dashboard_exprs(), *(rule["expr"] for rule in _alert_rules())]
+    wanted = set()
+    for expr in exprs:
+        for name, matchers in _SELECTOR.findall(expr):
+            fixed = [(label, value.split("|"))
+                     for label, op, value in _MATCHER.findall(matchers)
+                     if op in ("=", "=~") and "$" not in value and ".*" not in value]  # fmt: skip
+            combinations: list[list[tuple[str, str]]] = [[]]
+            for label, values in fixed:
+                combinations = [[*c, (label, v)] for c in combinations for v in values]
+            wanted |= {(name, frozenset(c)) for c in combinations}
+    return wanted
+
+
+def selected(samples: Samples, name: str, labels: frozenset[tuple[str, str]]) -> list[float]:
+    return [count for (sample, label_set), count in samples.items()
+            if sample == name and labels <= label_set]  # fmt: skip
+
+
+async def test_every_queried_series_is_zero_from_the_first_scrape(
+    launch: Launcher, client: aiohttp.ClientSession
+) -> None:
+    """A fresh proxy's first scrape has every series a panel or alert reads, at 0, for every
+    configured route; a route added by a reload gets its own at once."""
+    proxy = await launch(routes=[{"path": "/v2/*", "id": "v2"}, {"path": "/*", "id": "all"}])
+    samples = await scrape(client, proxy.admin_url)
+    wanted = queried_series()
+    assert len(wanted) >= 15
+    for name, labels in sorted(wanted, key=str):
+        for route in ("v2", "all"):
+            route_labels = labels | {("route", route)} if name in _BY_ROUTE else labels
+            values = selected(samples, name, route_labels)
+            assert values, f"{name}{dict(route_labels)} is missing from the first scrape"
+            assert set(values) == {0.0}, (name, dict(route_labels), values)
+
+    raw = yaml.safe_load(proxy.config.read_text())
+    routes = [{"path": "/v3/*", "id": "v3", "methods": ["POST", "PUT"]}, *raw["routes"]]
+    proxy.config.write_text(yaml.safe_dump({**raw, "routes": routes}))
+    async with client.post(proxy.admin_url + "/admin/reload") as response:
+        assert (await response.json())["status"] == "applied"
+    samples = await scrape(client, proxy.admin_url)
+    for outcome in metrics.OUTCOMES:
+        for method in ("POST", "PUT"):
+            labels = {"route": "v3", "method": method, "outcome": outcome}
+            assert value(samples, "idempotency_proxy_requests_total", **labels) == 0
+            assert ("idempotency_proxy_requests_total", frozenset(labels.items())) in samples
+    for name in ("idempotency_proxy_unrecorded_responses_total",
+                 "idempotency_proxy_upstream_duration_seconds_count"):  # fmt: skip
+        assert selected(samples, name, frozenset({("route", "v3")})) == [0.0]
+    assert await proxy.stop() == 0
+
+
+# The series labelled by route: each configured route has its own.
+_BY_ROUTE = {
+    "idempotency_proxy_requests_total",
+    "idempotency_proxy_request_duration_seconds_bucket",
+    "idempotency_proxy_upstream_duration_seconds_bucket",
+    "idempotency_proxy_unrecorded_responses_total",
+}
