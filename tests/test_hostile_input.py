@@ -22,7 +22,8 @@ from multidict import CIMultiDict
 from proxy.errors import PROBLEM_TYPE_PREFIX
 from proxy.server import Running
 from tests.conftest import ProxyFactory, Upstream, key
-from tests.proxy_process import start_process, stop_process
+from tests.support.proxies import start_process
+from tests.support.requests import assert_replayed_once
 
 HEAD_LIMIT = 64 * 1024
 
@@ -123,15 +124,7 @@ async def still_serves(client: aiohttp.ClientSession, proxy: Running, upstream: 
 
     With `idem`, the key a hostile request carried: it must not have been left locked.
     """
-    k = idem or key("normal")
-    answers = []
-    for _ in range(2):
-        async with client.post(proxy.url + "/v1/pay", data=b'{"n": 1}',
-                               headers={"Idempotency-Key": k}) as response:  # fmt: skip
-            answers.append((response.status, response.headers.get("Idempotent-Replayed")))
-            await response.read()
-    assert answers == [(201, None), (201, "true")]
-    assert upstream.executions(k) == 1
+    await assert_replayed_once(client, upstream, proxy, "/v1/pay", b'{"n": 1}', idem, status=201)
 
 
 # --- bodies ---------------------------------------------------------------------------
@@ -471,7 +464,7 @@ async def test_malformed_requests_leave_only_json_lines_in_the_log(
                                headers={"Idempotency-Key": k}) as response:  # fmt: skip
             assert response.status == 201
     finally:
-        await stop_process(running)
+        await running.close()
     lines = running.log_path.read_text().splitlines()
     not_json = [line for line in lines if not line.startswith("{")]
     assert not_json == [], "\n".join(not_json[:5])

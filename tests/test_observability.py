@@ -8,15 +8,10 @@ line is JSON and no raw key or credential ever appears.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +19,15 @@ import aiohttp
 import pytest
 import yaml
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import describe, parse_config
 from proxy.server import Running
-from tests.conftest import ProxyFactory, RedisServer, Upstream, free_port, key
+from tests.conftest import ProcessFactory, ProxyFactory, RedisServer, Upstream, free_port, key
+from tests.support.metrics import scrape, value
+from tests.support.proxies import ProxyProcess
+from tests.support.requests import request
+from tests.support.waiting import wait_until
 
-_REPO = Path(__file__).resolve().parent.parent
-# Variables the test environment must not leak into a proxy process.
-_OWN_ENV = ("IDEMPOTENCY_PROXY_", "PROMETHEUS_MULTIPROC_DIR")
 ACCESS_FIELDS = {
     "time", "level", "event", "route", "method", "path", "outcome", "status", "key_hash",
     "upstream_status", "upstream_ms", "latency_ms", "request_id",
@@ -41,35 +36,14 @@ ACCESS_FIELDS = {
 
 # --- metrics ---------------------------------------------------------------------------
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(client: aiohttp.ClientSession, admin_url: str) -> Samples:
-    """Every sample of one /metrics scrape, by name and labels."""
-    async with client.get(admin_url + "/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
 
 async def send(client: aiohttp.ClientSession, proxy: Running, method: str, path: str,
                idem: str | None = None, body: bytes = b"{}") -> int:  # fmt: skip
-    headers = {} if idem is None else {"Idempotency-Key": idem}
-    async with client.request(method, proxy.url + path, data=body, headers=headers) as response:
-        await response.read()
-        return response.status
+    return (await request(client, method, proxy, path, body, idem)).status
 
 
 async def test_metrics_count_every_outcome_of_a_scripted_sequence(
-    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+    upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Counts by route, method, outcome; durations, store ops, sizes; in-flight back to 0."""
     tag = os.urandom(3).hex()  # the registry is process-wide: route ids keep this test's own
@@ -82,9 +56,10 @@ async def test_metrics_count_every_outcome_of_a_scripted_sequence(
     first, slow = key("first"), key("slow")
     assert await send(client, proxy, "POST", "/pay", first) == 201  # forwarded
     assert await send(client, proxy, "POST", "/pay", first) == 201  # replayed
-    running = asyncio.ensure_future(send(client, proxy, "POST", "/delay/0.3/pay", slow))
-    await asyncio.sleep(0.1)
-    assert await send(client, proxy, "POST", "/delay/0.3/pay", slow) == 409  # conflict
+    running = asyncio.ensure_future(send(client, proxy, "POST", "/hold/slow/pay", slow))
+    await upstream.arrived(slow)
+    assert await send(client, proxy, "POST", "/hold/slow/pay", slow) == 409  # conflict
+    upstream.release("slow")
     assert await running == 201  # forwarded
     assert await send(client, proxy, "POST", "/pay", first, b'{"x": 1}') == 422
     assert await send(client, proxy, "POST", "/pay") == 400  # missing key
@@ -126,99 +101,18 @@ async def test_metrics_count_every_outcome_of_a_scripted_sequence(
 # --- the proxy as a process ------------------------------------------------------------
 
 
-@dataclass
-class ProxyProcess:
-    """`python -m proxy run` on fixed loopback ports, its stderr in a file."""
-
-    process: subprocess.Popen[bytes]
-    config: Path
-    log: Path
-    url: str
-    admin_url: str
-    workers: list[int] = field(default_factory=list)
-
-    def text(self) -> str:
-        return self.log.read_text(encoding="utf-8")
-
-    def lines(self) -> list[dict[str, Any]]:
-        """Every complete log line, each of which must be one JSON object."""
-        *complete, _partial = self.text().split("\n")  # a line being written is not done yet
-        return [json.loads(line) for line in complete]
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines() if line["event"] == event]
-
-    async def stop(self, timeout: float = 10) -> int:
-        """SIGTERM, and the exit status once the process (and its workers) ended."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(self.process.wait, timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the proxy (pid {self.process.pid}) did not stop") from None
-
-    def kill(self) -> None:
-        for pid in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-
 Launcher = Callable[..., Awaitable[ProxyProcess]]
 
 
 @pytest.fixture
-async def launch(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Launcher]:
-    """Start proxy processes (killed at the end of the test if still running)."""
-    started: list[ProxyProcess] = []
+def launch(proxy_process: ProcessFactory) -> Launcher:
+    """Start proxy processes on fixed free ports, which --workers share (SO_REUSEPORT)."""
 
-    async def start(*args: str, env: dict[str, str] | None = None, listening: int = 1,
-                    **overrides: Any) -> ProxyProcess:  # fmt: skip
-        port, admin_port = free_port(), free_port()
-        raw: dict[str, Any] = {
-            "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin_port}",
-            "upstream": upstream.url, "store": {"url": "memory://"}, "shutdown_grace": "5s",
-            "routes": [{"path": "/*", "id": "all"}], **overrides,
-        }  # fmt: skip
-        config = tmp_path / f"proxy-{len(started)}.yaml"
-        config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-        log = config.with_suffix(".log")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_ENV)}
-        with log.open("ab") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "--config", str(config), *args],
-                cwd=_REPO, env={**environment, **(env or {})},
-                stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
-            )  # fmt: skip
-        running = ProxyProcess(process, config, log, f"http://127.0.0.1:{port}",
-                               f"http://127.0.0.1:{admin_port}")  # fmt: skip
-        started.append(running)
-        await wait_until_ready(running, listening)
-        return running
+    async def start(*args: str, **overrides: Any) -> ProxyProcess:
+        ports = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
+        return await proxy_process(*args, **ports, **overrides)
 
-    yield start
-    for running in started:
-        running.kill()
-
-
-async def wait_until_ready(running: ProxyProcess, listening: int) -> None:
-    """Until /healthz answers and `listening` processes logged that they listen."""
-    deadline = time.monotonic() + 15
-    async with aiohttp.ClientSession() as session:
-        while True:
-            assert running.process.poll() is None, f"the proxy exited:\n{running.text()}"
-            assert time.monotonic() < deadline, f"the proxy did not start:\n{running.text()}"
-            try:
-                async with session.get(running.admin_url + "/healthz") as response:
-                    healthy = response.status == 200
-            except aiohttp.ClientError:
-                healthy = False
-            ready = listening == 0 or running.text().count('"event": "listening"') >= listening
-            if healthy and ready:
-                return
-            await asyncio.sleep(0.05)
+    return start
 
 
 async def test_access_log_line_carries_the_fields_and_no_secret(
@@ -286,11 +180,11 @@ def test_described_config_masks_the_admin_token_and_store_password() -> None:
 
 
 async def wait_for(proxy: ProxyProcess, event: str, count: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while len(found := proxy.named(event)) < count:
-        assert time.monotonic() < deadline, f"no {count} x {event!r} in:\n{proxy.text()}"
-        await asyncio.sleep(0.05)
-    return found
+    try:
+        await wait_until(lambda: len(proxy.named(event)) >= count, 10, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"no {count} x {event!r} in:\n{proxy.text()}") from None
+    return proxy.named(event)
 
 
 async def test_sighup_reloads_a_valid_config_and_refuses_an_invalid_one(
