@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyspy as profiling
-import services
-import wrk
-from services import Server
+from bench import pyspy as profiling
+from bench import services, wrk
+from bench.services import Server
+from tests.support.redis_server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 BODY = '{"amount":100,"currency":"EUR","customer":"cus_bench"}'
@@ -271,7 +271,7 @@ class Run:
     args: argparse.Namespace
     tmp: Path
     upstream: Server
-    redis: Server | None
+    redis: RedisServer | None
     proxy_workers_flag: bool
     results: list[Measurement] = field(default_factory=list)
     latency: dict[str, wrk.WrkResult] = field(default_factory=dict)
@@ -286,7 +286,7 @@ class Run:
             return services.start_passthrough(self.tmp, self.upstream, workers, cpus)
         if case.store == "redis":
             assert self.redis is not None
-            services.redis_command(self.redis.port, "FLUSHALL")
+            self.redis.command("FLUSHALL", timeout=5)
             store_url = self.redis.url
         else:
             store_url = "memory://"
@@ -365,7 +365,7 @@ class Run:
                 )
             if case.store == "redis" and self.redis is not None:
                 m.extra["redis_keys"] = int(
-                    services.redis_command(self.redis.port, "DBSIZE").strip().lstrip(b":")
+                    self.redis.command("DBSIZE", timeout=5).strip().lstrip(b":")
                 )
             if hop is not None and not hop.alive():
                 raise RuntimeError(f"{hop.name} died during the run:\n{hop.log_tail()}")
@@ -385,7 +385,7 @@ class Run:
             if hop is not None:
                 hop.stop()
             if case.store == "redis" and self.redis is not None:
-                services.redis_command(self.redis.port, "FLUSHALL")
+                self.redis.command("FLUSHALL", timeout=5)
         return m
 
     def profile(self, case: Case, hop: Server, load: Callable[[float], wrk.WrkResult]) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.ports import free_port
+from tests.support.proxies import REPO, ProxyProcess
+from tests.support.redis_server import RedisServer
+
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 UPSTREAM_BODY = '{"id":"ord_123","status":"created","amount":100,"currency":"EUR"}'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pinned(cpus: str | None, argv: list[str]) -> list[str]:
@@ -278,7 +274,7 @@ def proxy_supports_workers() -> bool:
     """Whether `idempotency-proxy run` has a `--workers` option yet."""
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "run", "--help"],
-        cwd=REPO_DIR,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=30,
@@ -318,65 +314,25 @@ def start_proxy(
     port, admin_port = free_port(), free_port()
     config = tmp / f"{name}.yaml"
     config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level))
-    log = tmp / f"{name}.log"  # the proxy's JSON log lines (stderr) land here
-    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
-    if pass_workers:
-        argv += ["--workers", str(workers)]
-    env = {**os.environ}
-    for var in [v for v in env if v.startswith("IDEMPOTENCY_PROXY_")]:
-        del env[var]  # the bench config is the whole truth
-    process = _spawn(name, pinned(cpus, argv), log, cwd=REPO_DIR, env=env)
+    # The proxy's JSON log lines (stderr) land in its log; the bench config is the whole
+    # truth (the caller's IDEMPOTENCY_PROXY_* variables are left out).
+    proxy = ProxyProcess(
+        config,
+        tmp / f"{name}.log",
+        args=("--workers", str(workers)) if pass_workers else (),
+        argv_prefix=pinned(cpus, []),
+    )
+    proxy.spawn()
+    assert proxy.process is not None
     server = Server(
-        name, port, process, log, url=f"http://127.0.0.1:{port}", extra={"config": str(config)}
+        name, port, proxy.process, proxy.log_path, url=proxy.url, extra={"config": str(config)}
     )
     wait_http(server, "/open/ready", method="POST")
     return server
 
 
-def start_redis(tmp: Path, cpus: str | None) -> Server:
+def start_redis(tmp: Path, cpus: str | None) -> RedisServer:
     """A redis-server of the run's own: no persistence, on a free port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
-    port = free_port()
-    directory = tmp / "redis"
-    directory.mkdir(exist_ok=True)
-    log = tmp / "redis.log"
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(directory),
-        "--loglevel",
-        "warning",
-    ]
-    server = Server(
-        "redis",
-        port,
-        _spawn("redis", pinned(cpus, argv), log),
-        log,
-        url=f"redis://127.0.0.1:{port}/0",
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if redis_command(port, "PING").startswith(b"+PONG"):
-                return server
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not start on port {port}:\n{server.log_tail()}")
-
-
-def redis_command(port: int, *args: str) -> bytes:
-    """One inline command to the run's own redis-server (FLUSHALL, INFO, ...)."""
-    assert port != 6379, "never touch the shared redis-server"
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall((" ".join(args) + "\r\n").encode())
-        return sock.recv(1 << 20)
+    server = RedisServer(tmp / "redis", argv_prefix=pinned(cpus, []), log=tmp / "redis.log")
+    server.start()
+    return server

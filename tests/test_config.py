@@ -57,7 +57,11 @@ def test_routes_inherit_defaults_and_override_them() -> None:
     }, env={})  # fmt: skip
     first, second = config.routes
     assert (first.ttl, first.on_concurrent, first.upstream) == (7200, "wait", "http://other:1")
-    assert (second.ttl, second.upstream, second.methods) == (3600, "http://up:9000", {"POST"})
+    assert (second.ttl, second.upstream, second.methods) == (
+        3600,
+        "http://up:9000",
+        frozenset({"POST"}),
+    )
     assert second.id == "/*"
 
 

@@ -45,7 +45,11 @@ async def record_states(redis: RedisServer) -> list[str]:
     client = aioredis.Redis.from_url(redis.url)
     try:
         keys = [k async for k in client.scan_iter(match="idp:*")]
-        return [(await client.hget(k, "st") or b"?").decode() for k in keys]
+        states = []
+        for k in keys:
+            state = await client.hget(k, "st") or b"?"
+            states.append(state.decode() if isinstance(state, bytes) else state)
+        return states
     finally:
         await client.aclose()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -338,7 +339,7 @@ async def test_request_body_over_the_limit_is_413(
     status, _, body = await post(client, proxy, "/v1/pay", b"x" * 2048, key("big"))
     assert status == 413 and problem(body)["type"] == PROBLEM_TYPE_PREFIX + "body-too-large"
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(4):
             yield b"y" * 512
 

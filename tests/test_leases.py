@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from typing import Any
+from contextvars import Context
+from typing import TypeVarTuple
 
 from proxy.leases import Leases
 from proxy.store.memory import MemoryStore
 
+Ts = TypeVarTuple("Ts")
 LEASE = 0.15
 RENEWAL_TIME = 0.12  # longer than LEASE / 3: the next renewal falls due while one runs
 HOLD = 0.5
@@ -32,8 +34,8 @@ class CountingLoop(asyncio.SelectorEventLoop):
 
     timers = 0
 
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
-                context: Any = None) -> asyncio.TimerHandle:  # fmt: skip
+    def call_at(self, when: float, callback: Callable[[*Ts], object], *args: *Ts,
+                context: Context | None = None) -> asyncio.TimerHandle:  # fmt: skip
         self.timers += 1
         return super().call_at(when, callback, *args, context=context)
 

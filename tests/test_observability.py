@@ -194,7 +194,7 @@ async def test_sighup_reloads_a_valid_config_and_refuses_an_invalid_one(
     proxy = await launch()
     raw = yaml.safe_load(proxy.config.read_text())
     proxy.config.write_text(yaml.safe_dump({**raw, "routes": [{"path": "/*", "ttl": "soon"}]}))
-    proxy.process.send_signal(signal.SIGHUP)
+    proxy.signal(signal.SIGHUP)
     (refused,) = await wait_for(proxy, "config reload refused; keeping the running config", 1)
     assert refused["level"] == "error"
     assert refused["problems"] == ['routes[0].ttl: expected a duration like "24h", got "soon"']
@@ -203,7 +203,7 @@ async def test_sighup_reloads_a_valid_config_and_refuses_an_invalid_one(
 
     routes = [{"path": "/*", "id": "strict", "require_key": True}]
     proxy.config.write_text(yaml.safe_dump({**raw, "routes": routes}))
-    proxy.process.send_signal(signal.SIGHUP)
+    proxy.signal(signal.SIGHUP)
     (reloaded,) = await wait_for(proxy, "config reloaded", 1)
     assert [route["id"] for route in reloaded["config"]["routes"]] == ["strict"]
     async with client.post(proxy.url + "/v1/pay", data=b"{}") as response:
@@ -213,10 +213,12 @@ async def test_sighup_reloads_a_valid_config_and_refuses_an_invalid_one(
 
 def requests_in(counter_file: Path) -> float:
     """idempotency_proxy_requests_total as one worker's multiprocess file holds it."""
-    return sum(sample.value
-               for metric in MultiProcessCollector.merge([str(counter_file)], accumulate=True)
+    # prometheus-client leaves merge untyped.
+    merged = MultiProcessCollector.merge([str(counter_file)], accumulate=True)  # type: ignore[no-untyped-call]
+    return float(sum(sample.value
+               for metric in merged
                if metric.name == "idempotency_proxy_requests"
-               for sample in metric.samples if sample.name.endswith("_total"))  # fmt: skip
+               for sample in metric.samples if sample.name.endswith("_total")))  # fmt: skip
 
 
 async def test_workers_add_up_their_metrics_and_all_reload(
