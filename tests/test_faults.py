@@ -15,12 +15,14 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.server import Running
 from tests.conftest import ProcessFactory, ProxyFactory, RedisServer, Upstream, key
 from tests.support.metrics import scrape, value
 from tests.support.proxies import ProxyProcess
@@ -80,9 +82,30 @@ def redis_config(redis: RedisServer, mode: str, lease: float = LEASE) -> dict[st
     }
 
 
-async def kill_mid_flight(client: aiohttp.ClientSession, upstream: Upstream,
-                          doomed: ProxyProcess, path: str, k: str) -> float:  # fmt: skip
-    """Send `k` through `doomed` and SIGKILL it while the upstream works; when it died."""
+@dataclass
+class AfterTheKill:
+    """A key whose owner was SIGKILLed mid-flight: a replica saw it still leased (409);
+    `restarted` is a fresh proxy on the same Redis, ready once the lease has lapsed."""
+
+    replica: Running
+    restarted: ProxyProcess
+
+
+async def kill_mid_flight(
+    upstream: Upstream,
+    proxy_process: ProcessFactory,
+    start_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+    redis: RedisServer,
+    mode: str,
+    path: str,
+    k: str,
+) -> AfterTheKill:
+    """Send `k` through a doomed proxy, SIGKILL it while the upstream works, see a replica
+    answer 409 while the lease runs, and wait until it has lapsed."""
+    config = redis_config(redis, mode, lease=KILL_LEASE)
+    doomed = await proxy_process(**config)
+    replica = await start_proxy(**config)
     first = asyncio.ensure_future(post(client, doomed, path, idem=k))
     await upstream.arrived(k)
     assert not first.done()
@@ -90,7 +113,15 @@ async def kill_mid_flight(client: aiohttp.ClientSession, upstream: Upstream,
     killed_at = time.monotonic()
     with pytest.raises(aiohttp.ClientError):
         await first
-    return killed_at
+
+    status, headers, body = await post(client, replica, path, idem=k)
+    assert time.monotonic() - killed_at < KILL_LEASE * 2 / 3, "too slow to see the lease running"
+    assert status == 409 and problem_type(headers, body) == "key-in-use"
+    assert headers["Retry-After"] == "1"
+
+    restarted = await proxy_process(**config)
+    await asyncio.sleep(max(0.0, killed_at + KILL_LEASE + 0.05 - time.monotonic()))
+    return AfterTheKill(replica, restarted)
 
 
 async def test_killed_proxy_key_conflicts_until_its_lease_lapses_then_is_outcome_unknown(
@@ -98,22 +129,12 @@ async def test_killed_proxy_key_conflicts_until_its_lease_lapses_then_is_outcome
     client: aiohttp.ClientSession, redis: RedisServer,
 ) -> None:  # fmt: skip
     """SIGKILL mid-flight, reject: 409 while the lease runs, then a terminal 502; one execution."""
-    config = redis_config(redis, "reject", lease=KILL_LEASE)
-    doomed = await proxy_process(**config)
-    replica = await start_proxy(**config)
     k = key("kill")
-    killed_at = await kill_mid_flight(client, upstream, doomed, "/delay/1/pay", k)
-
-    status, headers, body = await post(client, replica, "/delay/1/pay", idem=k)
-    assert time.monotonic() - killed_at < KILL_LEASE * 2 / 3, "too slow to see the lease running"
-    assert status == 409 and problem_type(headers, body) == "key-in-use"
-    assert headers["Retry-After"] == "1"
-
-    restarted = await proxy_process(**config)
-    await asyncio.sleep(max(0.0, killed_at + KILL_LEASE + 0.05 - time.monotonic()))
-    status, headers, body = await post(client, restarted, "/delay/1/pay", idem=k)
+    after = await kill_mid_flight(upstream, proxy_process, start_proxy, client, redis,
+                                  "reject", "/delay/1/pay", k)  # fmt: skip
+    status, headers, body = await post(client, after.restarted, "/delay/1/pay", idem=k)
     assert status == 502 and problem_type(headers, body) == "outcome-unknown"
-    for proxy in (restarted, replica):
+    for proxy in (after.restarted, after.replica):
         again = await post(client, proxy, "/delay/1/pay", idem=k)
         assert again[0] == 502 and again[2] == body
         assert again[1]["Idempotent-Replayed"] == "true"
@@ -125,18 +146,10 @@ async def test_killed_proxy_key_is_taken_over_and_forwarded_again_under_retry(
     client: aiohttp.ClientSession, redis: RedisServer,
 ) -> None:  # fmt: skip
     """SIGKILL mid-flight, retry: 409 while the lease runs, then one more execution, replayed."""
-    config = redis_config(redis, "retry", lease=KILL_LEASE)
-    doomed = await proxy_process(**config)
-    replica = await start_proxy(**config)
     k = key("kill")
-    killed_at = await kill_mid_flight(client, upstream, doomed, "/delay/0.5/pay", k)
-
-    status, headers, body = await post(client, replica, "/delay/0.5/pay", idem=k)
-    assert time.monotonic() - killed_at < KILL_LEASE * 2 / 3, "too slow to see the lease running"
-    assert status == 409 and problem_type(headers, body) == "key-in-use"
-
-    restarted = await proxy_process(**config)
-    await asyncio.sleep(max(0.0, killed_at + KILL_LEASE + 0.05 - time.monotonic()))
+    after = await kill_mid_flight(upstream, proxy_process, start_proxy, client, redis,
+                                  "retry", "/delay/0.5/pay", k)  # fmt: skip
+    restarted, replica = after.restarted, after.replica
     status, headers, body = await post(client, restarted, "/delay/0.5/pay", idem=k)
     assert status == 201 and "Idempotent-Replayed" not in headers
     assert json.loads(body)["serial"] == 2
