@@ -33,6 +33,7 @@ from tests.support.upstream import Upstream, counting_upstream
 
 # Re-exported: tests import these names from here.
 __all__ = [
+    "Launcher",
     "ProcessFactory",
     "ProxyFactory",
     "RedisServer",
@@ -45,6 +46,7 @@ __all__ = [
 
 ProxyFactory = Callable[..., Awaitable[Running]]
 ProcessFactory = Callable[..., Awaitable[ProxyProcess]]
+Launcher = ProcessFactory
 REDIS_FIXTURES = frozenset({"redis", "redis_server"})
 
 
@@ -127,6 +129,17 @@ async def proxy_process(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Pro
     yield start
     for running in started:
         await running.close()
+
+
+@pytest.fixture
+def launch(proxy_process: ProcessFactory) -> Launcher:
+    """Start proxy processes on fixed free ports, which --workers share (SO_REUSEPORT)."""
+
+    async def start(*args: str, **overrides: Any) -> ProxyProcess:
+        ports = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
+        return await proxy_process(*args, **ports, **overrides)
+
+    return start
 
 
 @pytest.fixture

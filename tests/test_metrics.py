@@ -1,0 +1,78 @@
+"""Metrics: what an operator's dashboards see of the proxy, read from the admin /metrics.
+
+The test scripts a sequence of requests, one of each outcome, and checks every count,
+duration, store operation and size it leaves behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+
+from proxy.server import Running
+from tests.conftest import ProxyFactory, Upstream, key
+from tests.support.metrics import scrape, value
+from tests.support.requests import request
+
+
+async def send(client: aiohttp.ClientSession, proxy: Running, method: str, path: str,
+               idem: str | None = None, body: bytes = b"{}") -> int:  # fmt: skip
+    return (await request(client, method, proxy, path, body, idem)).status
+
+
+async def test_metrics_count_every_outcome_of_a_scripted_sequence(
+    upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """Counts by route, method, outcome; durations, store ops, sizes; in-flight back to 0."""
+    tag = os.urandom(3).hex()  # the registry is process-wide: route ids keep this test's own
+    strict, loose = f"strict-{tag}", f"loose-{tag}"
+    proxy = await start_proxy(routes=[
+        {"path": "/loose/*", "id": loose}, {"path": "/*", "id": strict, "require_key": True},
+    ])  # fmt: skip
+    before = await scrape(client, proxy.admin_url)
+
+    first, slow = key("first"), key("slow")
+    assert await send(client, proxy, "POST", "/pay", first) == 201  # forwarded
+    assert await send(client, proxy, "POST", "/pay", first) == 201  # replayed
+    running = asyncio.ensure_future(send(client, proxy, "POST", "/hold/slow/pay", slow))
+    await upstream.arrived(slow)
+    assert await send(client, proxy, "POST", "/hold/slow/pay", slow) == 409  # conflict
+    upstream.release("slow")
+    assert await running == 201  # forwarded
+    assert await send(client, proxy, "POST", "/pay", first, b'{"x": 1}') == 422
+    assert await send(client, proxy, "POST", "/pay") == 400  # missing key
+    assert await send(client, proxy, "POST", "/pay", "k" * 256) == 400  # invalid key
+    assert await send(client, proxy, "GET", "/loose/thing") == 200  # passthrough
+    assert await send(client, proxy, "POST", "/loose/thing") == 201  # unprotected
+
+    after = await scrape(client, proxy.admin_url)
+    counted = {
+        (labels["route"], labels["method"], labels["outcome"]): count
+        for (name, label_set), count in after.items()
+        if name == "idempotency_proxy_requests_total"
+        and (labels := dict(label_set))["route"] in (strict, loose)
+    }
+    assert counted == {
+        (strict, "POST", "forwarded"): 2, (strict, "POST", "replayed"): 1,
+        (strict, "POST", "conflict"): 1, (strict, "POST", "mismatch"): 1,
+        (strict, "POST", "missing_key"): 1, (strict, "POST", "invalid_key"): 1,
+        (loose, "GET", "passthrough"): 1, (loose, "POST", "unprotected"): 1,
+    }  # fmt: skip
+    duration = "idempotency_proxy_request_duration_seconds_count"
+    assert value(after, duration, route=strict, outcome="forwarded") == 2
+    assert value(after, duration, route=loose, outcome="passthrough") == 1
+    upstream_count = "idempotency_proxy_upstream_duration_seconds_count"
+    assert value(after, upstream_count, route=strict) == 2
+    assert value(after, upstream_count, route=loose) == 2
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    store_ops = "idempotency_proxy_store_operation_duration_seconds_count"
+    assert delta(store_ops, operation="begin") == 5  # first, replay, 2 x slow, mismatch
+    assert delta(store_ops, operation="complete") == 2
+    assert delta("idempotency_proxy_stored_response_bytes_count") == 2
+    assert delta("idempotency_proxy_stored_response_bytes_sum") > 0
+    assert value(after, "idempotency_proxy_in_flight_records") == 0
