@@ -26,7 +26,7 @@ from proxy.server import Running
 from tests.conftest import ProcessFactory, ProxyFactory, RedisServer, Upstream, key
 from tests.support.metrics import scrape, value
 from tests.support.proxies import ProxyProcess
-from tests.support.requests import assert_replayed_once, post, problem_type
+from tests.support.requests import Answer, assert_replayed_once, post, problem_type
 from tests.support.waiting import wait_until
 
 LEASE = 0.5
@@ -365,6 +365,17 @@ async def test_a_result_the_store_missed_is_recorded_when_it_answers_again(
 # --- graceful shutdown ----------------------------------------------------------------
 
 
+async def sigterm_in_flight(
+    client: aiohttp.ClientSession, upstream: Upstream, proxy: ProxyProcess, k: str
+) -> tuple[asyncio.Future[Answer], float]:
+    """Send `k` through `proxy`, held at the upstream (at the gate named `k`), and SIGTERM
+    the proxy once it arrived there; the request in flight and when the signal went."""
+    first = asyncio.ensure_future(post(client, proxy, f"/hold/{k}/pay", idem=k))
+    await upstream.arrived(k)
+    proxy.terminate()
+    return first, time.monotonic()
+
+
 async def test_sigterm_lets_the_request_in_flight_finish_and_record_then_exits_zero(
     upstream: Upstream, proxy_process: ProcessFactory, start_proxy: ProxyFactory,
     client: aiohttp.ClientSession, redis: RedisServer,
@@ -373,14 +384,11 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_record_then_exits_z
     grace = 5.0
     proxy = await proxy_process(store={"url": redis.url}, shutdown_grace=f"{grace:g}s")
     k = key("term")
-    first = asyncio.ensure_future(post(client, proxy, "/hold/term/pay", idem=k))
-    await upstream.arrived(k)
-    proxy.terminate()
-    signalled = time.monotonic()
+    first, signalled = await sigterm_in_flight(client, upstream, proxy, k)
 
     await wait_until(lambda: refuses_connections(proxy.url), 0.5, "the listener closed")
     assert not first.done(), "the listener should close while the request is still in flight"
-    upstream.release("term")
+    upstream.release(k)
     status, _, body = await first
     assert status == 201 and json.loads(body)["serial"] == 1
     assert await proxy.wait(grace) == 0
@@ -388,7 +396,7 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_record_then_exits_z
 
     assert await record_states(redis) == ["d"]
     successor = await start_proxy(store={"url": redis.url})
-    again = await post(client, successor, "/hold/term/pay", idem=k)
+    again = await post(client, successor, f"/hold/{k}/pay", idem=k)
     assert again[0] == 201 and again[2] == body and again[1]["Idempotent-Replayed"] == "true"
     assert upstream.executions(k) == 1
 
@@ -401,9 +409,7 @@ async def test_sigterm_with_an_exchange_outlasting_the_grace_never_executes_it_t
     config = {**redis_config(redis, "reject"), "shutdown_grace": "300ms"}
     proxy = await proxy_process(**config)
     k = key("grace")
-    first = asyncio.ensure_future(post(client, proxy, "/hold/grace/pay", idem=k))
-    await upstream.arrived(k)
-    proxy.terminate()
+    first, _ = await sigterm_in_flight(client, upstream, proxy, k)
     assert await proxy.wait(3.0) == 0
     with pytest.raises(aiohttp.ClientError):
         await first
@@ -413,7 +419,7 @@ async def test_sigterm_with_an_exchange_outlasting_the_grace_never_executes_it_t
     await asyncio.sleep(LEASE + 0.05)
     successor = await start_proxy(**config)
     for _ in range(2):
-        status, headers, body = await post(client, successor, "/hold/grace/pay", idem=k)
+        status, headers, body = await post(client, successor, f"/hold/{k}/pay", idem=k)
         assert status == 502
         assert problem_type(headers, body) in ("upstream-disconnected", "outcome-unknown")
     assert await record_states(redis) == ["d"]
@@ -428,10 +434,7 @@ async def test_sigterm_exits_within_the_shutdown_grace(
     grace = 1.0
     proxy = await proxy_process(store={"url": redis.url}, shutdown_grace=f"{grace:g}s")
     k = key("bound")
-    first = asyncio.ensure_future(post(client, proxy, "/hold/bound/pay", idem=k))
-    await upstream.arrived(k)
-    proxy.terminate()
-    signalled = time.monotonic()
+    first, signalled = await sigterm_in_flight(client, upstream, proxy, k)
     assert await proxy.wait(5.0) == 0
     elapsed = time.monotonic() - signalled
     with pytest.raises(aiohttp.ClientError):

@@ -10,11 +10,12 @@ It lives under tests/ because it is test code that must never ship in the wheel 
 pytest puts the root on sys.path (tests/ is a package), and the bench/ scripts run as
 `python -m bench.<name>` from the root.
 
-    ports      free loopback ports
-    waiting    wait_until: poll a condition instead of sleeping for a guessed time
-    upstream   the counting upstream that plays the legacy API, and signals arrivals
-    redis      RedisServer: a redis-server of our own (start, stop, kill, freeze, config lines)
-    proxies    test configs, the proxy in-process, and the proxy as a process
-    metrics    /metrics scraped into samples
-    requests   keys, one request with its answer, problem+json checks, the replay assertion
+    ports         free loopback ports
+    waiting       wait_until: poll a condition instead of sleeping for a guessed time
+    upstream      the counting upstream that plays the legacy API, and signals arrivals
+    processes     ChildProcess: what the launchers below share (pid, alive)
+    redis_server  RedisServer: a redis-server of our own (stop, kill, freeze, config lines)
+    proxies       test configs, the proxy in-process, and the proxy as a process
+    metrics       /metrics scraped into samples
+    requests      keys, one request with its answer, problem+json checks, the replay check
 """

@@ -28,6 +28,7 @@ import yaml
 from proxy.config import Config, parse_config
 from proxy.server import Running, serve
 from tests.support.ports import LOOPBACK
+from tests.support.processes import ChildProcess
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 15.0
@@ -98,7 +99,7 @@ def _url(listen: str) -> str:
 
 
 @dataclass
-class ProxyProcess:
+class ProxyProcess(ChildProcess):
     """`idempotency-proxy run --config FILE` as a child process, restartable, its log a file.
 
     With port 0 in the config, `url` and `admin_url` are read from the "listening" log line.
@@ -111,18 +112,9 @@ class ProxyProcess:
     command: Sequence[str] = (sys.executable, "-m", "proxy")
     cwd: Path = REPO
     argv_prefix: Sequence[str] = ()  # e.g. ("taskset", "-c", "0")
-    process: subprocess.Popen[bytes] | None = None
     url: str = ""
     admin_url: str = ""
     workers: list[int] = field(default_factory=list)  # worker pids, when a test learns them
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "the proxy is not running"
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def spawn(self) -> None:
         """Start the process (appending to its log) without waiting for it."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.ports import LOOPBACK, free_port
+from tests.support.processes import ChildProcess
 from tests.support.waiting import wait_until
 
 SHARED_PORT = 6379  # the machine's own Redis: never started, flushed or even spoken to
@@ -38,7 +39,7 @@ def redis_binary(name: str = "redis-server") -> str:
 
 
 @dataclass
-class RedisServer:
+class RedisServer(ChildProcess):
     """One redis-server process on `port`, its files in `directory`; restartable."""
 
     directory: Path
@@ -46,7 +47,6 @@ class RedisServer:
     config: Sequence[str] = ()  # extra redis.conf lines, e.g. "requirepass s3cret"
     argv_prefix: Sequence[str] = ()  # e.g. ("taskset", "-c", "1")
     log: Path | None = None  # where its output goes; None: discarded
-    process: subprocess.Popen[bytes] | None = None
     frozen: bool = False
 
     def __post_init__(self) -> None:
@@ -55,14 +55,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "redis-server is not running"
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def config_lines(self) -> list[str]:
         """The whole redis.conf: no persistence, loopback only, then `config` on top."""
