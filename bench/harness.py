@@ -29,6 +29,7 @@ from typing import Any
 from bench import pyspy as profiling
 from bench import services, wrk
 from bench.services import Server
+from tests.support.processes import process_tree
 from tests.support.redis_server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -175,7 +176,7 @@ def placement(workers: int, pin: str, threads: int | None, quiet: bool) -> Place
 def set_affinity(root: int, cpus: str | None) -> None:
     """Move a running process tree (every thread) to `cpus`; None means every CPU."""
     mask = {int(c) for c in cpus.split(",")} if cpus else set(range(os.cpu_count() or 1))
-    for pid in services.process_tree(root):
+    for pid in process_tree(root):
         tasks = Path(f"/proc/{pid}/task")
         for tid in os.listdir(tasks) if tasks.exists() else ():
             with contextlib.suppress(OSError):  # the thread may have ended

@@ -9,7 +9,6 @@ descendants (nginx and multi-worker proxies fork their workers).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.processes import kill_tree, parent_and_cpu, process_tree
 from tests.support.proxies import REPO, ProxyProcess
 from tests.support.redis_server import RedisServer
 
@@ -37,37 +37,11 @@ def pinned(cpus: str | None, argv: list[str]) -> list[str]:
 # --- CPU accounting ---------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, utime + stime in ticks) of `pid`, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # the name may contain spaces
-    return int(fields[1]), int(fields[11]) + int(fields[12])
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every descendant of it."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _stat(int(entry))
-            if stat is not None:
-                parents.setdefault(stat[0], []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(parents.get(pid, ()))
-    return tree
-
-
 def cpu_ticks(root: int) -> dict[int, int]:
     """CPU ticks used so far by each process of `root`'s tree."""
     ticks = {}
     for pid in process_tree(root):
-        stat = _stat(pid)
+        stat = parent_and_cpu(pid)
         if stat is not None:
             ticks[pid] = stat[1]
     return ticks
@@ -133,9 +107,7 @@ class Server:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            for pid in reversed(process_tree(self.pid)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_tree(self.pid)
             self.process.wait()
 
 

@@ -28,7 +28,7 @@ import yaml
 from proxy.config import Config, parse_config
 from proxy.server import Running, serve
 from tests.support.ports import LOOPBACK
-from tests.support.processes import ChildProcess
+from tests.support.processes import ChildProcess, kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
 # How long a proxy process may take to import and bind. Not a claim the tests make: on a
@@ -170,12 +170,12 @@ class ProxyProcess(ChildProcess):
         self.process.send_signal(sig)
 
     def kill(self) -> None:
-        """SIGKILL (workers first): no cleanup, no draining, leases left as they are."""
+        """SIGKILL, workers included: no cleanup, no draining, leases left as they are."""
         for pid in self.workers:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+            kill_tree(self.process.pid)
             self.process.wait()
 
     def terminate(self) -> None:
