@@ -74,6 +74,23 @@ CASES = (
         prefill=True,
     ),
     Case("redis-mix", "10 % retries, Redis", "proxy", script="mix.lua", store="redis"),
+    # mode: observe, against redis-first and redis-mix: the same store work, and retries
+    # forwarded to the upstream (streamed) instead of replayed.
+    Case(
+        "observe-first",
+        "observe mode, first attempts, Redis",
+        "proxy",
+        path="/observe/orders",
+        store="redis",
+    ),
+    Case(
+        "observe-mix",
+        "observe mode, 10 % retries forwarded, Redis",
+        "proxy",
+        path="/observe/orders",
+        script="mix.lua",
+        store="redis",
+    ),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
 LATENCY_HOPS = (
@@ -84,6 +101,7 @@ LATENCY_HOPS = (
     "mem-first",
     "redis-first",
     "redis-replay",
+    "observe-first",
 )
 
 

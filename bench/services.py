@@ -257,7 +257,8 @@ def proxy_supports_workers() -> bool:
 def proxy_config(
     port: int, admin_port: int, upstream: Server, store_url: str, log_level: str
 ) -> str:
-    """The bench's proxy config: `/open/*` streams POSTs through, `/pay/*` protects them."""
+    """The bench's proxy config: `/open/*` streams POSTs through, `/pay/*` protects them,
+    `/observe/*` observes them (mode: observe)."""
     return f"""# written by bench/harness.py
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin_port}
@@ -270,6 +271,8 @@ routes:
   # with exactly the same bytes on the wire as the protected cases.
   - {{path: /open/*, id: open, methods: [PATCH]}}
   - {{path: /pay/*, id: pay}}
+  # The same protection, observed only: every request forwarded, duplicates counted.
+  - {{path: /observe/*, id: observe, mode: observe}}
 """
 
 
@@ -282,10 +285,12 @@ def start_proxy(
     cpus: str | None,
     log_level: str,
     pass_workers: bool,
+    extra_config: str = "",
 ) -> Server:
+    """The bench's proxy (`proxy_config`, with `extra_config` YAML appended) as a process."""
     port, admin_port = free_port(), free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level))
+    config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level) + extra_config)
     # The proxy's JSON log lines (stderr) land in its log; the bench config is the whole
     # truth (the caller's IDEMPOTENCY_PROXY_* variables are left out).
     proxy = ProxyProcess(
@@ -303,8 +308,11 @@ def start_proxy(
     return server
 
 
-def start_redis(tmp: Path, cpus: str | None) -> RedisServer:
-    """A redis-server of the run's own: no persistence, on a free port."""
-    server = RedisServer(tmp / "redis", argv_prefix=pinned(cpus, []), log=tmp / "redis.log")
+def start_redis(tmp: Path, cpus: str | None, *extra: str, name: str = "redis") -> RedisServer:
+    """A redis-server of the run's own: no persistence, on a free port (`extra` arguments
+    such as `--replicaof 127.0.0.1 PORT` appended)."""
+    server = RedisServer(
+        tmp / name, extra_args=extra, argv_prefix=pinned(cpus, []), log=tmp / f"{name}.log"
+    )
     server.start()
     return server

@@ -41,9 +41,13 @@ from multidict import CIMultiDict
 from proxy import logs, metrics
 from proxy.app import PROXY, STORE
 from proxy.config import Config
+from proxy.contract.describe import to_markdown, to_openapi
+from proxy.contract.documents import dump_document
 from proxy.errors import InvalidKey, ProxyError, StoreError
 from proxy.exchange import render_problems
-from proxy.keys import STORAGE_PREFIX, parse_key, scope_of, storage_key
+from proxy.keys import RecordKey, parse_key, scope_of, storage_key
+from proxy.outcomes import RequestOutcome
+from proxy.reload import reload_file
 
 PROXY_APP = web.AppKey("proxy_app", web.Application)
 CONFIG_PATH = web.AppKey("config_path", str)
@@ -51,6 +55,14 @@ CONFIG_PATH = web.AppKey("config_path", str)
 ADMIN_PREFIX = "/admin/"
 OPEN_PATHS = frozenset({"/admin/openapi.yaml"})
 OPENAPI_CONTENT_TYPE = "application/yaml"
+# What `GET /admin/contract` offers, in the order it prefers on a tie; the value says how.
+CONTRACT_TYPES = {
+    "text/markdown": "markdown",
+    "application/json": "json",
+    "application/vnd.oai.openapi+json": "json",
+    "application/yaml": "yaml",
+    "application/vnd.oai.openapi": "yaml",
+}
 _RECORD_HASH = re.compile(r"^[0-9a-f]{40}\Z")
 _MAX_LOOKUP_BODY = 64 * 1024
 
@@ -62,7 +74,7 @@ class AdminError(ProxyError):
     """A problem answer of the admin API."""
 
     status: ClassVar[int] = 400
-    outcome: ClassVar[str] = "bad_request"  # unused: the admin listener has no access metrics
+    outcome = RequestOutcome.BAD_REQUEST  # unused: the admin listener has no access metrics
 
 
 class AdminUnauthorized(AdminError):
@@ -70,8 +82,8 @@ class AdminUnauthorized(AdminError):
     slug = "admin-unauthorized"
     title = "Admin token missing or wrong"
 
-    def parts(self) -> tuple[int, list[tuple[str, str]], bytes]:
-        status, headers, body = super().parts()
+    def parts(self, request_id: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        status, headers, body = super().parts(request_id)
         headers.append(("WWW-Authenticate", 'Bearer realm="idempotency-proxy admin"'))
         return status, headers, body
 
@@ -130,6 +142,7 @@ def create_admin_app(proxy_app: web.Application, config_path: str | None = None)
     app.router.add_get("/readyz", readyz, allow_head=False)
     app.router.add_get("/metrics", scrape, allow_head=False)
     app.router.add_get("/admin/openapi.yaml", openapi, allow_head=False)
+    app.router.add_get("/admin/contract", contract, allow_head=False)
     app.router.add_get("/admin/records", counts, allow_head=False)
     app.router.add_post("/admin/records/lookup", lookup)
     app.router.add_get("/admin/records/{record}", inspect, allow_head=False)
@@ -197,7 +210,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the store answers, so protected requests can be decided."""
+    """Ready: the store takes writes (a probe write, not a PING), so requests can be decided."""
     try:
         await request.app[PROXY_APP][STORE].ping()
     except StoreError as exc:
@@ -219,6 +232,50 @@ def openapi_document() -> bytes:
 
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=openapi_document(), headers={"Content-Type": OPENAPI_CONTENT_TYPE})
+
+
+# --- the contract ----------------------------------------------------------------------
+
+
+def negotiate(accept: str | None, offered: list[str]) -> str:
+    """The offered media type an `Accept` header prefers (RFC 9110 12.5.1), else the first.
+
+    Each type takes the weight of the most specific range that matches it; a tie goes to
+    the earlier offer. A header that accepts none of them gets the first too: the contract
+    is documentation, better shown in its default form than refused with 406.
+    """
+    ranges: list[tuple[str, float]] = []
+    for part in (accept or "*/*").split(","):
+        media, *params = (field.strip() for field in part.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, number = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(number)
+                except ValueError:
+                    weight = 0.0
+        ranges.append((media.lower(), weight))
+    best, best_weight = offered[0], 0.0
+    for media in offered:
+        kinds = (media, media.split("/")[0] + "/*", "*/*")  # most specific first
+        matches = [(kinds.index(r), w) for r, w in ranges if r in kinds]
+        weight = min(matches)[1] if matches else 0.0
+        if weight > best_weight:
+            best, best_weight = media, weight
+    return best
+
+
+async def contract(request: web.Request) -> web.Response:
+    """What each route asks of its clients: markdown, or OpenAPI as JSON or YAML by Accept."""
+    config = _config(request)
+    media = negotiate(request.headers.get("Accept"), list(CONTRACT_TYPES))
+    form = CONTRACT_TYPES[media]
+    if form == "markdown":
+        text = to_markdown(config)
+    else:
+        text = dump_document(to_openapi(config), "json" if form == "json" else "yaml")
+    return web.Response(text=text, content_type=media, charset="utf-8")
 
 
 # --- records ---------------------------------------------------------------------------
@@ -264,8 +321,8 @@ async def lookup(request: web.Request) -> web.Response:
     except InvalidKey as exc:
         raise InvalidAdminRequest(exc.detail) from exc
     scope = scope_of((name, headers.getall(name, [])) for name in policy.scope_headers)
-    record = storage_key(config.store.namespace, scope, key)[len(STORAGE_PREFIX) :]
-    info = await request.app[PROXY_APP][STORE].inspect(STORAGE_PREFIX + record)
+    record = storage_key(config.store.namespace, scope, key).hash
+    info = await request.app[PROXY_APP][STORE].inspect(RecordKey(record).store)
     if info is None:
         raise RecordNotFound(
             f"no record for this key in scope {list(policy.scope_headers)} of route "
@@ -303,7 +360,7 @@ def _lookup_headers(raw: object) -> CIMultiDict[str]:
 async def inspect(request: web.Request) -> web.Response:
     """A record by its hash: state, ttl, lease, outcome (never the body)."""
     record = _record_param(request)
-    info = await request.app[PROXY_APP][STORE].inspect(STORAGE_PREFIX + record)
+    info = await request.app[PROXY_APP][STORE].inspect(RecordKey(record).store)
     if info is None:
         raise RecordNotFound(f"no record {record}; it was never used, was deleted, or expired")
     return _record_info(record, info)
@@ -312,7 +369,7 @@ async def inspect(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     """Purge a record whatever its state: the next request with its key executes again."""
     record = _record_param(request)
-    deleted = await request.app[PROXY_APP][STORE].delete(STORAGE_PREFIX + record)
+    deleted = await request.app[PROXY_APP][STORE].delete(RecordKey(record).store)
     if not deleted:
         raise RecordNotFound(f"no record {record}; it was never used, was deleted, or expired")
     logs.event("record deleted by the admin API", logging.WARNING,
@@ -332,12 +389,10 @@ def _supervised() -> bool:
 
 async def reload(request: web.Request) -> web.Response:
     """Re-read the config file, as SIGHUP does; with several workers, reload all of them."""
-    from proxy import server  # server imports this module
-
     path = request.app.get(CONFIG_PATH)
     if path is None:
         raise NoConfigFile("this proxy was started without a config file; nothing to reload")
-    result = server.reload(request.app[PROXY_APP], path, apply=not _supervised())
+    result = reload_file(request.app[PROXY_APP][PROXY], path, apply=not _supervised())
     if result.problems:
         raise ConfigRejected(f"{path} has {len(result.problems)} problem(s)", result.problems)
     answer = {"routes": result.routes, "restart_required": result.restart_required}

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from proxy.config import KEY_MAX_LENGTH
+from proxy.config import KEY_MAX_LENGTH, RAW_FINGERPRINT, FingerprintPolicy
 from proxy.errors import InvalidKey
+from proxy.fingerprints import canonical_body
 
 STORAGE_PREFIX = "idp:"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordKey:
+    """Where a key's record lives: `store` addresses it in the store, `hash` names it in logs,
+    metrics and the admin API (never the raw key or tenant)."""
+
+    hash: str
+
+    @property
+    def store(self) -> str:
+        return STORAGE_PREFIX + self.hash
 
 
 def parse_key(values: Sequence[str], header: str = "Idempotency-Key") -> str:
@@ -61,9 +75,21 @@ def _unquote(raw: str, header: str) -> str:
     raise InvalidKey(f"{header} is a quoted string without its closing quote")
 
 
-def fingerprint_request(method: str, path: str, query: str, body: bytes) -> str:
-    """What makes two requests "the same request": method, path, query and body."""
-    digest = hashlib.blake2b(digest_size=16)
+def fingerprint_request(
+    method: str, path: str, query: str, body: bytes, content_type: str = "",
+    policy: FingerprintPolicy = RAW_FINGERPRINT,
+) -> str:  # fmt: skip
+    """What makes two requests "the same request": method, path, query and body.
+
+    The body enters as its bytes, or, under `policy.body: canonical`, in the canonical form
+    its `content_type` has (`proxy.fingerprints`), hashed with a function of its own.
+    """
+    canonical = None if policy.body == "raw" else canonical_body(policy, content_type, body)
+    if canonical is None:
+        digest = hashlib.blake2b(digest_size=16)
+    else:
+        digest = hashlib.blake2b(digest_size=16, person=canonical[0])
+        body = canonical[1]
     for part in (method.encode(), path.encode("utf-8", "surrogateescape"),
                  query.encode("utf-8", "surrogateescape")):  # fmt: skip
         digest.update(len(part).to_bytes(4, "big"))
@@ -87,12 +113,12 @@ def scope_of(header_values: Iterable[tuple[str, Sequence[str]]]) -> bytes:
     return digest.digest()
 
 
-def storage_key(namespace: str, scope: bytes, key: str) -> str:
-    """The store's key for a record: a hash, never the raw key or scope values."""
+def storage_key(namespace: str, scope: bytes, key: str) -> RecordKey:
+    """The record of a key: a hash, never the raw key or scope values."""
     digest = hashlib.blake2b(digest_size=20)
     ns = namespace.encode()
     digest.update(len(ns).to_bytes(4, "big"))
     digest.update(ns)
     digest.update(scope)
     digest.update(key.encode())
-    return STORAGE_PREFIX + digest.hexdigest()
+    return RecordKey(digest.hexdigest())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from proxy import logs, metrics
 from proxy.errors import StoreError
-from proxy.keys import STORAGE_PREFIX
+from proxy.keys import RecordKey
 from proxy.store.base import Store
 from proxy.tasks import spawn
 
@@ -24,7 +24,7 @@ from proxy.tasks import spawn
 class Held:
     """One in-flight record this process owns."""
 
-    record: str
+    record: RecordKey
     token: str
     lease: float
     due: float
@@ -32,7 +32,7 @@ class Held:
 
 
 class Leases:
-    """Renews every held lease every lease/3 until it is released."""
+    """Renews every held lease every lease/3 until it is dropped."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -41,14 +41,16 @@ class Leases:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
-    def hold(self, record: str, token: str, lease: float) -> Held:
+    def hold(self, record: RecordKey, token: str, lease: float) -> Held:
+        """Start renewing the lease of `record`, owned with `token`."""
         held = Held(record, token, lease, self._loop.time() + lease / 3)
         self._held.add(held)
         if held.due < self._timer_at:
             self._arm(held.due)
         return held
 
-    def release(self, held: Held) -> None:
+    def drop(self, held: Held) -> None:
+        """Stop renewing: the record is settled (or its renewal is no longer ours)."""
         self._held.discard(held)
         if held.renewing is not None:
             held.renewing.cancel()
@@ -72,11 +74,10 @@ class Leases:
 
     async def _renew(self, held: Held) -> None:
         try:
-            renewed = await self._store.renew(held.record, held.token, lease=held.lease)
+            renewed = await self._store.renew(held.record.store, held.token, lease=held.lease)
         except StoreError as exc:
             metrics.LEASE_RENEWALS.labels("error").inc()
-            logs.event("lease renewal failed", key_hash=held.record.removeprefix(STORAGE_PREFIX),
-                       error=exc.detail)  # fmt: skip
+            logs.event("lease renewal failed", key_hash=held.record.hash, error=exc.detail)
             renewed = True  # keep trying: the store may come back before the lease lapses
         else:
             metrics.LEASE_RENEWALS.labels("renewed" if renewed else "lost").inc()

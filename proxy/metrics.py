@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Any, Final
 
 from prometheus_client import (
@@ -24,28 +26,12 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
+from proxy.outcomes import RequestOutcome
 
 PREFIX: Final = "idempotency_proxy"
 
 # Every value the `outcome` label can take.
-OUTCOMES: Final = (
-    "forwarded",  # first attempt, executed upstream and recorded
-    "replayed",  # retry answered from the store
-    "conflict",  # retry while the first attempt runs: 409
-    "waited",  # retry that waited for the first attempt and replayed it
-    "mismatch",  # same key, other request: 422
-    "missing_key",  # key required, none sent: 400
-    "invalid_key",  # key malformed: 400
-    "passthrough",  # route or method not protected: streamed through
-    "unprotected",  # protected method without a key, forwarded anyway
-    "store_unavailable",  # store down, fail_mode closed: 503 (or open: forwarded)
-    "upstream_error",  # upstream unreachable: 502, record released
-    "unknown_outcome",  # upstream timed out / dropped, or owner died: terminal result
-    "fenced",  # the record was taken over while we worked; our result was not stored
-    "too_large",  # request body over the limit (413), or a response too large to store
-    "released",  # upstream answered a release status (429/503): returned, not stored
-    "bad_request",  # the request itself was unreadable (slow body, broken framing)
-)
+OUTCOMES: Final = tuple(RequestOutcome)
 STORE_OPERATIONS: Final = ("begin", "renew", "complete", "release", "ping", "admin")
 KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -85,6 +71,13 @@ STORE_ERRORS = Counter(
     "Store operations that failed or timed out, by operation.",
     ["operation"],
 )
+STORE_REDIRECTS = Counter(
+    f"{PREFIX}_store_redirects_total",
+    "Cluster redirects followed (the command had not run), by kind (moved, ask).",
+    ["kind"],
+)
+for _kind in ("moved", "ask"):
+    STORE_REDIRECTS.labels(_kind)  # exported as 0 from the first scrape
 IN_FLIGHT = Gauge(
     f"{PREFIX}_in_flight_records",
     "Records this proxy currently holds in flight (upstream exchanges under way).",
@@ -122,6 +115,50 @@ BUILD_INFO = Gauge(
     multiprocess_mode="max",
 )
 BUILD_INFO.labels(__version__).set(1)
+START_TIME = Gauge(
+    f"{PREFIX}_start_time_seconds",
+    "When this proxy started, Unix time: the window its counters cover.",
+    multiprocess_mode="min",
+)
+START_TIME.set(time.time())
+
+# Observe mode (proxy.observing): what enforcing would have done instead of forwarding.
+WOULD_KINDS: Final = (
+    "would_replay", "would_conflict", "would_mismatch",
+    "would_reject_missing_key", "would_reject_invalid_key", "would_reject_too_large",
+)  # fmt: skip
+OBSERVED_REQUESTS = Counter(
+    f"{PREFIX}_observed_requests_total",
+    "Requests for a protected method on a route in observe mode, by route.",
+    ["route"],
+)
+OBSERVED_KEYS = Counter(
+    f"{PREFIX}_observed_keys_total",
+    "First attempts of a key on a route in observe mode (records created), by route.",
+    ["route"],
+)
+WOULD = Counter(
+    f"{PREFIX}_observe_would_total",
+    "Requests observe mode forwarded that enforcing would have answered otherwise, by route "
+    "and what enforcing would have done (kind).",
+    ["route", "kind"],
+)
+KEYLESS_DUPLICATES = Counter(
+    f"{PREFIX}_keyless_duplicates_total",
+    "Requests without a key identical (scope and fingerprint) to one within the route's "
+    "observe_keyless window: suspected duplicates, counted, never blocked. By route.",
+    ["route"],
+)
+
+
+def declare_routes(route_ids: Iterable[str]) -> None:
+    """Export every route's observe-mode series as 0 from the first scrape."""
+    for route in route_ids:
+        OBSERVED_REQUESTS.labels(route)
+        OBSERVED_KEYS.labels(route)
+        KEYLESS_DUPLICATES.labels(route)
+        for kind in WOULD_KINDS:
+            WOULD.labels(route, kind)
 
 
 # --- batched updates --------------------------------------------------------------------
@@ -154,7 +191,7 @@ class LocalHistogram:
 
     def __init__(self, child: Any) -> None:
         self._child = child
-        self._bounds: list[float] = list(child._upper_bounds)
+        self._bounds = histogram_bounds(child)
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
 
@@ -164,15 +201,30 @@ class LocalHistogram:
         self._sum += value
 
     def flush(self) -> None:
-        counts = self._counts
-        if not any(counts):
-            return
-        for index, count in enumerate(counts):
-            if count:
-                self._child._buckets[index].inc(count)
-                counts[index] = 0
-        self._child._sum.inc(self._sum)
-        self._sum = 0.0
+        if any(self._counts):
+            add_to_histogram(self._child, self._counts, self._sum)
+            self._counts = [0] * len(self._bounds)
+            self._sum = 0.0
+
+
+# prometheus-client has no public call that adds many observations at once (one `observe`
+# per sample takes its lock each time, which is what batching avoids). These two functions
+# are the only code that touches its histogram internals; `tests/test_metrics.py` checks
+# that a flushed batch exposes exactly what the same `observe` calls would, so a change in
+# the library fails there, loudly.
+
+
+def histogram_bounds(child: Any) -> list[float]:
+    """The upper bounds of a histogram child's buckets, `+Inf` last."""
+    return list(child._upper_bounds)
+
+
+def add_to_histogram(child: Any, counts: list[int], total: float) -> None:
+    """Add `counts[i]` observations to bucket i and `total` to the sum of a histogram child."""
+    for index, count in enumerate(counts):
+        if count:
+            child._buckets[index].inc(count)
+    child._sum.inc(total)
 
 
 class LocalGauge:
@@ -204,6 +256,7 @@ def _local(metric: Any) -> Any:
 
 _requests: dict[tuple[str, str, str], tuple[LocalCounter, LocalHistogram]] = {}
 _upstream: dict[str, LocalHistogram] = {}
+_observed: dict[str, tuple[LocalCounter, LocalCounter]] = {}
 STORE_TIMERS = {op: _local(LocalHistogram(STORE_DURATION.labels(op))) for op in STORE_OPERATIONS}
 STORED_BYTES = _local(LocalHistogram(STORED_RESPONSE_BYTES))
 IN_FLIGHT_RECORDS = _local(LocalGauge(IN_FLIGHT))
@@ -222,6 +275,17 @@ def observe_request(route: str, method: str, outcome: str, seconds: float) -> No
         )
     pair[0].inc()
     pair[1].observe(seconds)
+
+
+def observed(route: str) -> tuple[LocalCounter, LocalCounter]:
+    """The per-request counters of an observing route: requests, and keys first seen."""
+    pair = _observed.get(route)
+    if pair is None:
+        pair = _observed[route] = (
+            _local(LocalCounter(OBSERVED_REQUESTS.labels(route))),
+            _local(LocalCounter(OBSERVED_KEYS.labels(route))),
+        )
+    return pair
 
 
 def observe_upstream(route: str, seconds: float) -> None:

@@ -4,7 +4,8 @@
 tests and the demo use) and stops them in the right order: stop accepting, let in-flight
 requests finish and record within the grace period, then close the store. `run` adds the
 process's signal handling around it: SIGTERM/SIGINT drain and exit, SIGHUP reloads
-(as `POST /admin/reload` does, through `reload`).
+(as `POST /admin/reload` does, through `proxy.reload`). `serve_config` is what a process
+runs, alone or as one of several workers: load the file, then `run` it until stopped.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -26,6 +27,7 @@ from proxy.admin import create_admin_app
 from proxy.app import PROXY, create_app, proxy_handler
 from proxy.config import Config, ConfigError, describe, load_config
 from proxy.exchange import Handler
+from proxy.reload import reload_file
 from proxy.store import Store
 
 # After the grace, how long aiohttp lets the handlers cancelled at its end unwind. aiohttp
@@ -126,7 +128,7 @@ async def serve(
     # handler_cancellation off: a client that disconnects must not cancel the upstream
     # exchange of a first attempt; it completes and is recorded for the retry.
     in_flight = InFlight()
-    server = web.Server(in_flight.track(proxy_handler(app[PROXY])),
+    server = web.Server(in_flight.track(proxy_handler(app)),
                         handler_cancellation=False, access_log=None)  # fmt: skip
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=_UNWIND)
     try:
@@ -161,7 +163,7 @@ async def run(config: Config, config_path: str | None, reuse_port: bool = False)
         loop.add_signal_handler(sig, stop.set)
     async with serve(config, reuse_port=reuse_port, config_path=config_path) as running:
         if config_path is not None:
-            loop.add_signal_handler(signal.SIGHUP, reload, running.app, config_path)
+            loop.add_signal_handler(signal.SIGHUP, reload_file, running.app[PROXY], config_path)
         tune_gc()
         logs.event("listening", proxy=running.url, admin=running.admin_url, config=describe(config))
         await stop.wait()
@@ -185,53 +187,29 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-# Bound to resources opened at start (sockets, the store client): a reload cannot move them.
-_RESTART_FIELDS = ("listen", "admin_listen")
-_RESTART_STORE_FIELDS = ("url", "timeout", "max_records", "max_bytes")
-
-
-@dataclass(frozen=True, slots=True)
-class Reloaded:
-    """What a reload did: `problems` if refused, else the new route ids and what it kept."""
-
-    applied: bool
-    problems: list[str] = field(default_factory=list)
-    routes: list[str] = field(default_factory=list)
-    restart_required: list[str] = field(default_factory=list)
-
-
-def reload(app: web.Application, config_path: str, apply: bool = True) -> Reloaded:
-    """Re-read the config file; keep the running config if the new one is invalid.
-
-    Routes, defaults, the admin token, the log level and the rest apply at once, without
-    dropping a connection. Listen addresses and the store connection keep their running
-    values until a restart; `restart_required` names the ones the file changed. With
-    `apply=False` the file is only validated (a worker checks before signalling the others).
-    """
-    from proxy import metrics
-
+def serve_config(path: str, reuse_port: bool = False) -> int:
+    """Serve the config file at `path` in this process until SIGTERM/SIGINT; the exit status."""
     try:
-        config = load_config(config_path)
+        config = load_config(path)
     except ConfigError as exc:
-        metrics.CONFIG_RELOADS.labels("rejected").inc()
-        logs.event("config reload refused; keeping the running config", logging.ERROR,
-                   source=config_path, problems=exc.problems)  # fmt: skip
-        return Reloaded(applied=False, problems=exc.problems)
-    running = app[PROXY].config
-    restart = [name for name in _RESTART_FIELDS if getattr(config, name) != getattr(running, name)]
-    restart += [f"store.{name}" for name in _RESTART_STORE_FIELDS
-                if getattr(config.store, name) != getattr(running.store, name)]  # fmt: skip
-    kept = {name: getattr(running.store, name) for name in _RESTART_STORE_FIELDS}
-    effective = replace(config, listen=running.listen, admin_listen=running.admin_listen,
-                        store=replace(config.store, **kept))  # fmt: skip
-    routes = [route.id for route in effective.routes]
-    if not apply:
-        return Reloaded(applied=False, routes=routes, restart_required=restart)
-    app[PROXY].reload(effective)
-    logs.set_level(effective.log_level)
-    metrics.CONFIG_RELOADS.labels("applied").inc()
-    if restart:
-        logs.event("config reloaded, but these settings only change on a restart",
-                   logging.WARNING, restart_required=restart)  # fmt: skip
-    logs.event("config reloaded", config=describe(effective))
-    return Reloaded(applied=True, routes=routes, restart_required=restart)
+        return refuse(path, exc.problems)
+    logs.configure(config.log_level)
+    _install_uvloop()
+    asyncio.run(run(config, path, reuse_port=reuse_port))
+    return 0
+
+
+def refuse(path: str, problems: list[str]) -> int:
+    """Say on stderr why the config at `path` cannot be served; the exit status for it."""
+    print(f"{path}: invalid configuration:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 2
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: the standard loop works, only slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

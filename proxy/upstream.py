@@ -1,15 +1,19 @@
-"""Talking to the legacy upstream: header rules, the pooled client, and error translation.
+"""Talking to the legacy upstream: the pooled client, header rules, and error translation.
 
-aiohttp client errors become `UpstreamError`s here and nowhere else. The translation
-decides the most important question of a failed exchange: could the upstream have acted?
-Only a connection that was never established proves the request was not delivered;
-everything after that (a timeout, a reset, a truncated answer) means "outcome unknown".
+This is the one module that speaks aiohttp's client. `UpstreamClient` sends a request and
+hands back an `Answer` (status, sendable headers, body read or to stream); aiohttp client
+errors become `UpstreamError`s here and nowhere else. The translation decides the most
+important question of a failed exchange: could the upstream have acted? Only a connection
+that was never established proves the request was not delivered; everything after that (a
+timeout, a reset, a truncated answer) means "outcome unknown".
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Iterable
+import re
+from collections.abc import AsyncIterator, Iterable
 from email.utils import formatdate
 
 import aiohttp
@@ -18,11 +22,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import (
+    ProxyError,
     UpstreamDisconnected,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.masking import redact_urls_in
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -33,21 +39,25 @@ HOP_BY_HOP = frozenset(
 # Recomputed by whoever writes the body next.
 _HOP_BY_HOP_AND_FRAMING = HOP_BY_HOP | {"content-length"}
 _CONNECT_TIMEOUT = 5.0
-# Idle upstream connections are closed after this long. Below the idle timeout of common
-# servers (gunicorn 2 s is the exception, uvicorn and Node 5 s): a POST sent on a connection
-# the upstream is closing at that moment fails after sending, which counts as "outcome
-# unknown" although nothing was delivered.
-_KEEPALIVE = 4.0
+# RFC 9110 5.1 and 5.5: a field name is a token; a value is visible characters, spaces and
+# tabs (and obs-text). aiohttp's client accepts more than its server will write.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
-def create_session() -> aiohttp.ClientSession:
+def _create_session(keepalive_timeout: float) -> aiohttp.ClientSession:
     """The one pooled client for every upstream; bodies pass through undecoded.
+
+    Idle connections are closed after `keepalive_timeout`, which must stay below the
+    upstream server's own idle timeout: a POST sent on a connection the upstream is closing
+    at that moment fails after sending, which counts as "outcome unknown" although nothing
+    was delivered.
 
     Only connecting has a timeout of its own (a connect timeout proves the request was not
     delivered; see `connect_timeout`); the protected path bounds the whole exchange with one
     `asyncio.timeout`, cheaper than aiohttp's per-request timers.
     """
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE, ttl_dns_cache=60)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -91,54 +101,148 @@ def request_headers(request: web.BaseRequest, keep_length: bool) -> CIMultiDict[
 
 
 def response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> list[tuple[str, str]]:
-    """Upstream response headers to send on, less hop-by-hop (and framing, when rebuffered).
+    """Upstream response headers to send on, less hop-by-hop (and framing, when rebuffered),
+    and less any field the proxy could not send as received (see `sendable`).
 
     A response without `Date` gets one now, so a replay carries the first answer's date.
     """
     drop = _dropped(headers, keep_length)
-    pairs = [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    pairs = [
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in drop and sendable(name, value)
+    ]
     if "Date" not in headers:
         pairs.append(("Date", formatdate(usegmt=True)))
     return pairs
 
 
-def origin_form(request: web.BaseRequest) -> str:
-    """The request target as `/path?query`, exactly as the client encoded it.
-
-    A server must also accept the absolute form, `POST http://host/path` (RFC 9112 3.2.2).
-    Its scheme and authority never choose where the proxy forwards: appended to the
-    upstream URL as sent, they make a port like `9000http:` (a 500 that leaves the key
-    locked), or, behind an upstream without a port, let the client extend its host name
-    (`http://legacy` + `admin://x/` is host `legacyadmin`).
-    """
-    raw = request.raw_path
-    if raw.startswith("/"):
-        return raw
-    return URL(raw, encoded=True).raw_path_qs
+def sendable(name: str, value: str) -> bool:
+    """Whether a header field can be written as received: a token name and a value without
+    control characters. An upstream's malformed field is dropped, never stored: stored, it
+    would fail every replay for the whole ttl."""
+    return _FIELD_NAME.fullmatch(name) is not None and _FORBIDDEN_IN_VALUE.search(value) is None
 
 
-def target_url(upstream: str, request: web.BaseRequest) -> URL:
-    return URL(upstream + origin_form(request), encoded=True)
+def reason_phrase(reason: str | None) -> str | None:
+    """The upstream's reason phrase if it can be sent, else None (aiohttp's default)."""
+    if reason is None or _FORBIDDEN_IN_VALUE.search(reason) is not None:
+        return None
+    return reason
 
 
+# A request body to send: buffered, streamed as it arrives, or none.
+Body = bytes | AsyncIterator[bytes] | None
 # What an upstream exchange can raise; `translate` turns each into an `UpstreamError`.
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+_UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class Answer:
+    """The upstream's response: status, the headers to send on, and its body.
+
+    `body` is what was read; when `complete` is false the rest is still to come from
+    `chunks()`. `close()` gives the connection back (or drops it, mid-body).
+    """
+
+    __slots__ = ("_response", "body", "complete", "headers", "reason", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, body: bytes, complete: bool) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = reason_phrase(response.reason)
+        self.headers = response_headers(response.headers, keep_length=not complete)
+        self.body = body
+        self.complete = complete
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The rest of the body as it arrives; a broken body raises `UpstreamError`."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except _UPSTREAM_ERRORS as exc:
+            raise translate(exc, self._response.url) from exc
+
+    def close(self) -> None:
+        """Done with the answer: aiohttp reuses the connection if the body was read whole."""
+        self._response.release()
+
+
+class UpstreamClient:
+    """The one pooled client for every upstream route."""
+
+    def __init__(self, keepalive_timeout: float) -> None:
+        self._session = _create_session(keepalive_timeout)
+
+    async def fetch(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes, *,
+                    deadline: float, upstream_timeout: float, limit: int) -> Answer:  # fmt: skip
+        """Send a buffered request and read up to `limit` bytes of the answer by `deadline`
+        (a loop time): the whole exchange, body included, is bounded."""
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._session.request(
+                    method, with_credentials(url, headers), headers=headers, data=body,
+                    allow_redirects=False,
+                    timeout=connect_timeout(upstream_timeout),
+                )  # fmt: skip
+                content, complete = await read_bounded(response, limit)
+        except _UPSTREAM_ERRORS as exc:
+            if response is not None:
+                response.close()
+            raise translate(exc, url) from exc
+        answer = Answer(response, content, complete)
+        if complete:
+            answer.close()  # the connection goes back to the pool now
+        return answer
+
+    async def open(self, method: str, url: URL, headers: CIMultiDict[str], data: Body, *,
+                   idle: float) -> Answer:  # fmt: skip
+        """Send a request (its body may be streamed) and return once the response head is
+        in: the body is then streamed with `Answer.chunks`, each read bounded by `idle`."""
+        try:
+            response = await self._session.request(
+                method, with_credentials(url, headers), headers=headers, data=data,
+                allow_redirects=False, timeout=idle_timeout(idle),
+            )  # fmt: skip
+        except _UPSTREAM_ERRORS as exc:
+            if isinstance(exc.__cause__, ProxyError):  # the client's body failed, not the upstream
+                raise exc.__cause__ from None
+            raise translate(exc, url) from exc
+        return Answer(response, b"", complete=False)
+
+    async def close(self) -> None:
+        await self._session.close()
 
 
 def translate(exc: BaseException, url: URL) -> UpstreamError:
     """The `UpstreamError` for an aiohttp failure: was the request possibly delivered?"""
     if isinstance(exc, aiohttp.ClientConnectorError):  # never connected
         return UpstreamUnreachable(f"cannot connect to {url.origin()}: {exc.os_error}")
+    # (The details above and below reach the log line only; see `proxy.errors`.)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamUnreachable(f"connecting to {url.origin()} timed out")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(
             "the upstream did not answer within upstream_timeout; it may have acted on it"
         )
+    # aiohttp's messages can quote the request URL (with the upstream's credentials) and its
+    # headers: the log line gets the kind of failure and a masked message, never the repr.
+    message = redact_urls_in(str(exc))[:200]
     return UpstreamDisconnected(
-        f"the upstream broke off the exchange after the request was sent ({exc!r}); "
-        "it may have acted on it"
+        f"the upstream broke off the exchange after the request was sent "
+        f"({type(exc).__name__}: {message}); it may have acted on it"
     )
+
+
+def with_credentials(url: URL, headers: CIMultiDict[str]) -> URL:
+    """Move an upstream URL's userinfo into `Authorization: Basic`, unless the client sent an
+    `Authorization` of its own, which is then forwarded as it is (the upstream authenticates
+    the tenant). aiohttp refuses a request that has both, with an error of its own."""
+    if url.raw_user is None:
+        return url
+    if "Authorization" not in headers:
+        headers["Authorization"] = aiohttp.encode_basic_auth(url.user or "", url.password or "")
+    return url.with_user(None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -177,6 +281,6 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[by
 def make_response(status: int, headers: Iterable[tuple[str, str]], body: bytes,
                   extra: Iterable[tuple[str, str]] = ()) -> web.Response:  # fmt: skip
     """A buffered response with exactly these headers (aiohttp adds the framing)."""
-    merged: CIMultiDict[str] = CIMultiDict(headers)
+    merged: CIMultiDict[str] = CIMultiDict(headers)  # already `sendable`
     merged.extend(extra)
     return web.Response(status=status, headers=merged, body=body)

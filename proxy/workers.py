@@ -20,7 +20,10 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from prometheus_client import multiprocess
+
 from proxy import logs
+from proxy.server import serve_config
 
 _RESTART_PAUSE = 1.0
 
@@ -38,8 +41,6 @@ def worker_count(value: str) -> int:
 
 
 def _worker_main(config_path: str) -> None:
-    from proxy.cli import serve_config
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     # A reload that arrives before the worker's loop handles SIGHUP must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -72,8 +73,6 @@ def supervise(config_path: str, count: int, shutdown_grace: float) -> int:
         signal.signal(sig, forward)
     workers.extend(start() for _ in range(count))
     logs.event("workers started", workers=count, pids=[p.pid for p in workers])
-
-    from prometheus_client import multiprocess
 
     while not stopping:
         time.sleep(0.2)

@@ -49,6 +49,9 @@ ProcessFactory = Callable[..., Awaitable[ProxyProcess]]
 Launcher = ProcessFactory
 REDIS_FIXTURES = frozenset({"redis", "redis_server"})
 
+# Sentinel groups and Clusters, for the tests that need a Redis topology.
+pytest_plugins = ["tests.sentinel_and_cluster"]
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that starts redis-server: it asks for a Redis fixture, or for the

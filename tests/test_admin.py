@@ -22,7 +22,7 @@ from proxy.admin import is_loopback
 from proxy.app import PROXY, STORE
 from proxy.config import load_config
 from proxy.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
-from proxy.keys import STORAGE_PREFIX, fingerprint_request, scope_of, storage_key
+from proxy.keys import fingerprint_request, scope_of, storage_key
 from proxy.server import Running, serve
 from proxy.store.base import Acquired
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key
@@ -186,7 +186,7 @@ async def test_outcome_unknown_is_resolved_by_deleting_its_record(
     record = storage_key("default", scope_of([("Authorization", ["Bearer alice"])]), k)
     fingerprint = fingerprint_request("POST", "/v1/pay", "", json.dumps({"amount": 1}).encode())
     store = proxy.app[STORE]
-    lock = await store.begin(record, fingerprint, lease=0.05, ttl=60, takeover=False)
+    lock = await store.begin(record.store, fingerprint, lease=0.05, ttl=60, takeover=False)
     assert isinstance(lock, Acquired)
     await asyncio.sleep(0.15)
     status, headers, body = await pay(client, proxy, k, **tenant)
@@ -195,7 +195,7 @@ async def test_outcome_unknown_is_resolved_by_deleting_its_record(
 
     status, _, found = await call(client, "POST", admin + "/lookup", lookup, **BEARER)
     assert status == 200
-    assert found["record"] == record.removeprefix(STORAGE_PREFIX)
+    assert found["record"] == record.hash
     assert found["state"] == "done" and found["outcome"] == "unknown"
     assert found["fingerprint"] == fingerprint and 0 < found["ttl_remaining"] <= 60
     inspected = (await call(client, "GET", f"{admin}/{found['record']}", **BEARER))[2]
@@ -344,6 +344,50 @@ async def test_invalid_config_is_refused_with_every_problem_and_the_old_one_kept
     assert events.levels("config reload refused") == [logging.ERROR]
     assert proxy.app[PROXY].router.routes[0].id == "all"
     assert (await pay(client, proxy, key()))[0] == 201
+
+
+SECRET = "Hunter2Pw"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"upstream: http://svc:{SECRET}@up:9000/v1\nstore: {{url: 'mongodb://:{SECRET}@db'}}\n",
+        f"store:\n  url: redis://:{SECRET}@cache:6379: oops\n",  # a YAML syntax error
+    ],
+)
+async def test_a_refused_reload_never_shows_a_secret(
+    start_from_file: FileProxyFactory, client: aiohttp.ClientSession, events: Events, text: str
+) -> None:
+    """Neither the 422 answer nor the log line of a refused reload holds a password."""
+    proxy, path = await start_from_file()
+    path.write_text(text, encoding="utf-8")
+    status, headers, body = await call(client, "POST", proxy.admin_url + "/admin/reload")
+    assert_problem(status, headers, body, 422, "config-rejected")
+    logged = events.named("config reload refused; keeping the running config")
+    assert logged and logged[0]["problems"] == body["problems"]
+    assert SECRET not in json.dumps(body) and SECRET not in json.dumps(logged)
+
+
+async def test_an_applied_reload_logs_the_config_with_its_credentials_masked(
+    upstream: Upstream, start_from_file: FileProxyFactory, client: aiohttp.ClientSession,
+    events: Events,
+) -> None:  # fmt: skip
+    """The reloaded config is logged with every URL password and the admin token masked."""
+    proxy, path = await start_from_file()
+    origin = upstream.url.removeprefix("http://")
+    write_config(path, f"http://svc:{SECRET}@{origin}", admin_token=SECRET,
+                 store={"url": f"rediss://app:{SECRET}@127.0.0.1:1/0?ssl_password={SECRET}"},
+                 routes=[{"path": "/token/*", "upstream": f"http://{SECRET}@{origin}"},
+                         {"path": "/*"}])  # fmt: skip
+    status, _, body = await call(client, "POST", proxy.admin_url + "/admin/reload",
+                                 Authorization=f"Bearer {SECRET}")  # fmt: skip
+    assert status == 200, body
+    assert body["restart_required"] == ["store.url"]
+    (logged,) = events.named("config reloaded")
+    assert logged["config"]["upstream"] == f"http://svc:***@{origin}"
+    assert logged["config"]["routes"][0]["upstream"] == f"http://***@{origin}"  # a token
+    assert SECRET not in json.dumps(body) + json.dumps(events.named("config reloaded"))
 
 
 async def test_reload_keeps_listeners_and_store_and_says_they_need_a_restart(

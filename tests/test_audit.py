@@ -15,19 +15,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.audit import (
-    Attempt,
-    AuditOptions,
-    ProbeResult,
-    Verdict,
-    judge_concurrent,
-    judge_replay,
-    judge_timeout,
-    run_audit,
-    variant_body,
-)
-from proxy.legacy_api import LegacyApi, create_legacy_app
 from proxy.server import serve
+from proxy.tools.audit import AuditOptions, run_audit
+from proxy.tools.audit.inference import judge_concurrent, judge_replay, judge_timeout
+from proxy.tools.audit.model import Attempt, ProbeResult, Verdict
+from proxy.tools.audit.probes import variant_body
+from proxy.tools.legacy_api import LegacyApi, create_legacy_app
 from tests.conftest import free_port, make_config
 
 # Every charge answers after SLOW s, so a client timeout of TIMEOUT s always expires.
@@ -108,7 +101,8 @@ async def test_audit_finds_duplicates_straight_at_the_api(legacy: Legacy) -> Non
 
 async def test_audit_finds_none_through_the_proxy(legacy: Legacy) -> None:
     """Through the proxy the same audit sees no duplicate execution and passes."""
-    async with serve(make_config(legacy.url)) as proxy:
+    # reject, so that the concurrent probe meets the 409s it is built to judge
+    async with serve(make_config(legacy.url, defaults={"on_concurrent": "reject"})) as proxy:
         out = io.StringIO()
         report = await run_audit(options(proxy.url + "/v1/charges"), out)
 
@@ -133,7 +127,8 @@ async def test_audit_command_fails_ci_and_writes_json(legacy: Legacy, tmp_path: 
     """`audit --yes --json FILE` exits 1 on duplicates and writes every probe to FILE."""
     report_path = tmp_path / "audit.json"
     code, out, _err = await run_cli(
-        "audit", legacy.charges, "--yes", "--timeout", str(TIMEOUT), "--concurrency", "3",
+        "audit", legacy.charges + "?api_token=url-token", "--yes", "--timeout", str(TIMEOUT),
+        "--concurrency", "3",
         "-H", "Authorization: Bearer secret-token", "--data", '{"amount": 500}',
         "--json", str(report_path),
     )  # fmt: skip
@@ -147,6 +142,8 @@ async def test_audit_command_fails_ci_and_writes_json(legacy: Legacy, tmp_path: 
     assert report["duplicate_executions"] >= 1
     assert report["limits"]
     assert "secret-token" not in report_path.read_text()  # header values are not recorded
+    assert report["target"] == legacy.charges + "?api_token=***"
+    assert "url-token" not in out + report_path.read_text()
 
 
 async def test_audit_command_passes_through_the_proxy(legacy: Legacy) -> None:
@@ -161,9 +158,10 @@ async def test_audit_command_passes_through_the_proxy(legacy: Legacy) -> None:
 
 async def test_audit_refuses_to_run_without_yes(legacy: Legacy) -> None:
     """Without --yes the audit sends nothing, says why, and exits 2."""
-    code, out, err = await run_cli("audit", legacy.charges)
+    code, out, err = await run_cli("audit", legacy.charges.replace("://", "://svc:url-pw@"))
     assert code == 2
     assert "--yes" in err and "mutating" in err
+    assert "://svc:***@" in err and "url-pw" not in err
     assert out == ""
     assert legacy.api.ledger.charges == []
 
@@ -174,6 +172,15 @@ async def test_audit_of_a_closed_port_exits_3() -> None:
     report = await run_audit(options(f"http://127.0.0.1:{free_port()}/v1/charges"), out)
     assert report.exit_code == 3
     assert "COULD NOT AUDIT" in out.getvalue()
+
+
+async def test_a_url_the_client_refuses_is_reported_without_its_credentials() -> None:
+    """The client library's error quotes the URL: the report masks its password."""
+    out = io.StringIO()
+    report = await run_audit(options("ftp://svc:url-pw@127.0.0.1/v1/charges"), out)
+    assert report.exit_code == 3
+    assert "ftp://svc:***@127.0.0.1/v1/charges" in out.getvalue()
+    assert "url-pw" not in out.getvalue() + json.dumps(report.to_json())
 
 
 async def test_audit_of_a_wrong_path_exits_3(legacy: Legacy) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from proxy.config import (
     ConfigError,
+    describe,
     load_config,
     load_config_text,
     parse_config,
@@ -95,6 +98,25 @@ routes:
     assert len(problems) == len(expected)
 
 
+def test_mode_and_observe_keyless_are_per_route_with_defaults() -> None:
+    """`mode` defaults to enforce; a route may observe; both settings are named in errors."""
+    config = parse_config({
+        "defaults": {"observe_keyless": "10s"},
+        "routes": [{"path": "/a", "mode": "observe"}, {"path": "/*"}],
+    }, env={})  # fmt: skip
+    observed, enforced = config.routes
+    assert (observed.mode, observed.observe_keyless) == ("observe", 10.0)
+    assert (enforced.mode, enforced.observe_keyless) == ("enforce", 10.0)
+    assert parse_config({}, env={}).routes[0].observe_keyless is None
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"defaults": {"mode": "watch"},
+                      "routes": [{"path": "/*", "observe_keyless": "soon"}]}, env={})  # fmt: skip
+    assert caught.value.problems == [
+        "defaults.mode: expected 'enforce' or 'observe', got 'watch'",
+        'routes[0].observe_keyless: expected a duration like "24h", got "soon"',
+    ]
+
+
 def test_lease_longer_than_ttl_is_refused() -> None:
     """A lease that outlives the record makes no sense and is an error."""
     with pytest.raises(ConfigError, match=r"routes\[0\]\.lease: must not exceed ttl"):
@@ -121,6 +143,154 @@ def test_store_password_is_masked() -> None:
     """Logged store URLs never show a password."""
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+# --- secrets are never printed ---------------------------------------------------------
+
+SECRET = "Hunter2Pw"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://user:Hunter2Pw@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://:Hunter2Pw@host", "redis://:***@host"),
+        ("redis://Hunter2Pw@host:6379", "redis://***@host:6379"),  # a token as the user name
+        ("https://svc:Hunter2Pw@api.internal:8443", "https://svc:***@api.internal:8443"),
+        ("redis+sentinel://:Hunter2Pw@h1:26379,h2:26379/mymaster",
+         "redis+sentinel://:***@h1:26379,h2:26379/mymaster"),
+        ("rediss+cluster://app:Hunter2Pw@[::1]:7000,10.0.0.2:7001",
+         "rediss+cluster://app:***@[::1]:7000,10.0.0.2:7001"),
+        ("redis://host:6379/0?password=Hunter2Pw&db=1", "redis://host:6379/0?password=***&db=1"),
+        ("rediss://host?ssl_password=Hunter2Pw&ssl_cert_reqs=none",
+         "rediss://host?ssl_password=***&ssl_cert_reqs=none"),
+        ("redis+sentinel://h1:26379/m?sentinel_password=Hunter2Pw",
+         "redis+sentinel://h1:26379/m?sentinel_password=***"),
+        ("http://up/?Auth_Token=Hunter2Pw&client_secret=Hunter2Pw&api_key=Hunter2Pw",
+         "http://up/?Auth_Token=***&client_secret=***&api_key=***"),
+        ("unix:///run/redis.sock?db=2&password=Hunter2Pw", "unix:///run/redis.sock?db=2&password=***"),
+        ("redis://:Hunter%402Pw@host", "redis://:***@host"),
+        ("redis://:Hunter@2Pw@host:6379", "redis://:***@host:6379"),  # an unencoded @
+        ("redis://:Hunter/2Pw@host:6379", "redis://***"),  # the password ends the authority
+        ("redis://:Hunter?2Pw@host:6379", "redis://***"),
+        ("redis://:Hunter#2Pw@host:6379", "redis://***"),
+        ("redis://host#Hunter2Pw", "redis://host#***"),
+        ("svc:Hunter2Pw@host:9000", "***"),  # no scheme: nothing of it can be read
+        ("Hunter2Pw", "***"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("memory://", "memory://"),
+    ],
+)  # fmt: skip
+def test_redact_url_masks_every_credential_form(url: str, masked: str) -> None:
+    """Passwords, user-name tokens and secret query values are masked in every URL form."""
+    assert redact_url(url) == masked
+    assert "Hunter" not in masked and "2Pw" not in masked
+
+
+REFUSED = f"""
+upstream: "http://svc:{SECRET}@up:9000/v1"
+admin_token: 31337{len(SECRET)}
+store:
+  url: "mongodb://app:{SECRET}@db:27017"
+defaults:
+  upstream: "ftp://{SECRET}@files"
+routes:
+  - path: /a/*
+    upstream: "http://up:9000/?password={SECRET}"
+  - path: /b/*
+    upstream: "svc:{SECRET}@up:9000"
+  - "redis://:{SECRET}@cache"
+  - path: /c/*
+    "redis://:{SECRET}@cache": 1
+"""
+
+
+def test_refused_values_never_show_a_secret() -> None:
+    """Each refused URL or secret is reported by its field, with its credentials masked."""
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(REFUSED, env={})
+    problems = caught.value.problems
+    assert [p.partition(":")[0] for p in problems] == [
+        "upstream", "admin_token", "store.url", "defaults.upstream", "routes[0].upstream",
+        "routes[1].upstream", "routes[2]", "routes[3]",
+    ]  # fmt: skip
+    for problem in problems:
+        assert SECRET not in problem and "313379" not in problem, problem
+    assert 'got "http://svc:***@up:9000/v1"' in problems[0]
+    assert 'got "mongodb://app:***@db:27017"' in problems[2]
+
+
+def test_a_refused_store_url_from_the_environment_is_masked() -> None:
+    """IDEMPOTENCY_PROXY_STORE_URL is named when refused, never shown with its password."""
+    for value in (f"mongodb://:{SECRET}@db", f"{SECRET}@cache:6379", SECRET):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({}, env={"IDEMPOTENCY_PROXY_STORE_URL": value})
+        (problem,) = caught.value.problems
+        assert problem.startswith("IDEMPOTENCY_PROXY_STORE_URL (environment): expected")
+        assert SECRET not in problem
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"store:\n  url: redis://:{SECRET}@cache:6379: oops\n",  # mapping values not allowed
+        f'store:\n  url: "redis://:{SECRET}@cache:6379\n',  # unterminated quote
+        f"store:\n  url: redis://:{SECRET}@cache\n   bad: [\n",
+        f"admin_token: *{SECRET}\n",  # a token that starts with * reads as an alias
+        f"admin_token: !{SECRET} x\n",  # ... and one that starts with ! as a tag
+    ],
+)
+def test_a_yaml_syntax_error_names_the_place_not_the_text(text: str) -> None:
+    """A YAML error gives line, column and the problem, never the text of the line."""
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, source="proxy.yaml", env={})
+    (problem,) = caught.value.problems
+    assert problem.startswith("proxy.yaml: not valid YAML: line "), problem
+    assert SECRET not in problem and "cache" not in problem, problem
+
+
+def test_describe_masks_every_credential() -> None:
+    """The effective config logged at start and on reload holds no password or token."""
+    config = parse_config({
+        "upstream": f"https://svc:{SECRET}@up:8443",
+        "admin_token": SECRET,
+        "store": {"url": f"rediss://app:{SECRET}@cache:6379/0?ssl_password={SECRET}"},
+        "routes": [{"path": "/*", "upstream": f"http://{SECRET}@other:9000"}],
+    }, env={})  # fmt: skip
+    described = json.dumps(describe(config))
+    assert SECRET not in described
+    assert "rediss://app:***@cache:6379/0?ssl_password=***" in described
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, check=False,
+        env={**os.environ, **(env or {})}, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(90)  # six command-line starts: slow on a loaded 2-core machine
+def test_check_config_and_run_never_print_a_secret(tmp_path: Path) -> None:
+    """Refused URLs, the store URL variable and YAML errors reach the terminal masked."""
+    refused = tmp_path / "refused.yaml"
+    refused.write_text(REFUSED)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"store:\n  url: redis://:{SECRET}@cache:6379: oops\n")
+    valid = tmp_path / "valid.yaml"
+    valid.write_text("routes: [{path: /*}]\n")
+    bad_env = {"IDEMPOTENCY_PROXY_STORE_URL": f"mongodb://:{SECRET}@db"}
+    for args, env in [
+        (("check-config", str(refused)), None),
+        (("check-config", str(broken)), None),
+        (("check-config", str(valid)), bad_env),
+        (("run", "--config", str(refused)), None),
+        (("run", "--config", str(broken)), None),
+        (("run", "--config", str(valid)), bad_env),
+    ]:
+        result = run_cli(*args, env=env)
+        assert result.returncode in (1, 2), (args, result.stderr)
+        assert "problem" in result.stderr or "invalid" in result.stderr
+        assert SECRET not in result.stdout + result.stderr, (args, result.stderr)
 
 
 def test_check_config_command(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.demo import DemoOptions, Progress, format_money, run_demo
-from proxy.legacy_api import Ledger, LegacyApi, create_legacy_app
 from proxy.tasks import spawn
+from proxy.tools.demo import DemoOptions, Progress, format_money, run_demo
+from proxy.tools.legacy_api import Ledger, LegacyApi, create_legacy_app
 from tests.conftest import free_port
 
 SMALL = DemoOptions(requests=12, concurrency=6, timeout=0.2, seed=3, serve=False)
@@ -68,6 +68,26 @@ async def test_demo_prints_the_api_books_for_both_storms() -> None:
     assert proxied.tally.confirmed == 12
     assert rows["replayed answers"][1] == str(proxied.tally.replayed) != "0"
     assert len(ledger.charges) == direct.books.charges + proxied.books.charges
+
+
+async def test_demo_observe_report_counts_exactly_the_books_duplicates() -> None:
+    """Through an observing proxy the API charges twice, and the proxy's report counts each."""
+    ledger = Ledger()
+    out = io.StringIO()
+    options = DemoOptions(requests=12, concurrency=6, timeout=0.2, seed=3, serve=False,
+                          observe=True)  # fmt: skip
+    result = await run_demo(options, out, io.StringIO(), ledger=ledger)
+
+    books = ledger.summary("demo-observe-")
+    assert result.report is not None
+    (route,) = result.report.routes
+    assert books.duplicate_charges > 0  # observing changes nothing: the storm duplicates
+    assert route.executed_twice == books.duplicate_charges
+    assert route.requests == books.charges
+    assert route.keys == 12 and route.mismatches == 0
+    printed = out.getvalue()
+    assert table(printed)["duplicate charges"][1] == str(books.duplicate_charges)
+    assert f"{books.duplicate_charges} requests executed twice in the last" in printed
 
 
 async def test_demo_serves_both_servers_until_stopped() -> None:

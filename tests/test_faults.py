@@ -78,7 +78,11 @@ def redis_config(redis: RedisServer, mode: str, lease: float = LEASE) -> dict[st
     """Config overrides shared by the doomed proxy and its successors on one Redis."""
     return {
         "store": {"url": redis.url},
-        "defaults": {"lease": f"{int(lease * 1000)}ms", "on_unknown_outcome": mode},
+        "defaults": {
+            "lease": f"{int(lease * 1000)}ms",
+            "on_unknown_outcome": mode,
+            "on_concurrent": "reject",  # these tests watch for the 409 while the lease runs
+        },
     }
 
 
@@ -154,7 +158,14 @@ async def test_killed_proxy_key_is_taken_over_and_forwarded_again_under_retry(
     assert status == 201 and "Idempotent-Replayed" not in headers
     assert json.loads(body)["serial"] == 2
     assert upstream.executions(k) == 2
+    # The restarted proxy answers before its result lands in Redis; until it does, the lease
+    # guards the key and a retry on another proxy gets 409 (never a third execution).
     again = await post(client, replica, "/delay/0.5/pay", idem=k)
+    for _ in range(200):
+        if again[0] != 409:
+            break
+        await asyncio.sleep(0.01)
+        again = await post(client, replica, "/delay/0.5/pay", idem=k)
     assert again[0] == 201 and again[2] == body and again[1]["Idempotent-Replayed"] == "true"
     assert upstream.executions(k) == 2
 

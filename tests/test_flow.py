@@ -14,8 +14,12 @@ import aiohttp
 import pytest
 
 from proxy.errors import PROBLEM_TYPE_PREFIX
-from proxy.server import Running
-from tests.conftest import ProxyFactory, Upstream, free_port, key
+from proxy.keys import scope_of, storage_key
+from proxy.outcomes import RequestOutcome
+from proxy.server import Running, serve
+from proxy.store.base import Outcome
+from proxy.store.memory import MemoryStore
+from tests.conftest import ProxyFactory, Upstream, free_port, key, make_config
 from tests.support.metrics import scrape, value
 from tests.support.requests import assert_replayed_once, post, problem
 from tests.support.waiting import wait_until
@@ -66,8 +70,8 @@ async def test_key_header_and_forwarding_headers_reach_the_upstream(
 async def test_concurrent_duplicates_execute_once_and_the_rest_conflict(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession, store_url: str
 ) -> None:
-    """20 simultaneous duplicates against a slow upstream: one execution, 19 x 409."""
-    proxy = await start_proxy(store={"url": store_url})
+    """20 simultaneous duplicates against a slow upstream: one execution, 19 x 409 (reject)."""
+    proxy = await start_proxy(store={"url": store_url}, defaults={"on_concurrent": "reject"})
     k = key("dup")
     # The first attempt is held at the upstream until the 19 others have had their answer.
     sent = [asyncio.ensure_future(post(client, proxy, "/hold/dup/pay", b"{}", k))
@@ -88,8 +92,9 @@ async def test_concurrent_duplicates_execute_once_and_the_rest_conflict(
 async def test_concurrent_duplicates_wait_and_get_the_same_response(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession, store_url: str
 ) -> None:
-    """With on_concurrent: wait, all 20 duplicates get the first response; one execution."""
-    proxy = await start_proxy(store={"url": store_url}, defaults={"on_concurrent": "wait"})
+    """With on_concurrent: wait (the default: not set here), all 20 duplicates get the first
+    response; one execution."""
+    proxy = await start_proxy(store={"url": store_url})
     k = key("wait")
     results = await asyncio.gather(
         *(post(client, proxy, "/delay/0.3/pay", b"{}", k) for _ in range(20))
@@ -309,7 +314,9 @@ async def test_slow_upstream_keeps_its_lock_across_lease_periods(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession, store_url: str
 ) -> None:
     """Lease renewal: a retry during a 4-lease-long exchange conflicts, never re-executes."""
-    proxy = await start_proxy(store={"url": store_url}, defaults={"lease": "150ms"})
+    proxy = await start_proxy(
+        store={"url": store_url}, defaults={"lease": "150ms", "on_concurrent": "reject"}
+    )
     k = key("renew")
     first = asyncio.ensure_future(post(client, proxy, "/hold/renew/pay", b"{}", k))
     await upstream.arrived(k)
@@ -447,3 +454,75 @@ async def test_an_upstream_that_cannot_be_connected_to_in_time_is_released(
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+async def test_an_unprotected_request_whose_upstream_hangs_up_is_an_upstream_error(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """Nothing is stored for a request without a key, so a dropped connection is counted as
+    `upstream_error`, never as `unknown_outcome`."""
+    proxy = await start_proxy()
+
+    async def count(outcome: RequestOutcome) -> float:
+        async with client.get(proxy.admin_url + "/metrics") as response:
+            text = await response.text()
+        series = (
+            f'idempotency_proxy_requests_total{{method="POST",outcome="{outcome}",route="all"}}'
+        )
+        values = [line.split()[-1] for line in text.splitlines() if line.startswith(series)]
+        return float(values[0]) if values else 0.0
+
+    before = {o: await count(o) for o in (RequestOutcome.UPSTREAM_ERROR,
+                                          RequestOutcome.UNKNOWN_OUTCOME)}  # fmt: skip
+    async with client.post(proxy.url + "/reset", data=b"{}") as response:
+        assert response.status == 502
+        assert (
+            problem(await response.read())["type"] == PROBLEM_TYPE_PREFIX + "upstream-disconnected"
+        )
+    assert await count(RequestOutcome.UPSTREAM_ERROR) == before[RequestOutcome.UPSTREAM_ERROR] + 1
+    assert await count(RequestOutcome.UNKNOWN_OUTCOME) == before[RequestOutcome.UNKNOWN_OUTCOME]
+
+
+class GatedCompletes(MemoryStore):
+    """The embedded store, holding every `complete` until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float,
+                       tombstone: float = 0.0) -> bool:  # fmt: skip
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().complete(key, token, outcome, ttl=ttl, tombstone=tombstone)
+
+
+async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """One store round trip on the critical path: the first client has its answer while the
+    complete is still pending; a retry meanwhile gets 409 (the lease guards the key), and
+    once the result is recorded the retry replays it. The upstream executed once."""
+    store = GatedCompletes()
+    async with serve(make_config(upstream.url), store) as proxy:
+        k = key("early")
+        first = await post(client, proxy, "/v1/pay", b"{}", k)
+        assert first[0] == 201 and store.waiting.is_set() and not store.gate.is_set()
+        # A retry comes on a connection of its own (the first one carries the first answer,
+        # and aiohttp serves a connection's next request once the record is settled).
+        async with aiohttp.ClientSession() as other:
+            meanwhile = await post(other, proxy, "/v1/pay", b"{}", k)
+        assert meanwhile[0] == 409
+        assert problem(meanwhile[2])["type"] == PROBLEM_TYPE_PREFIX + "key-in-use"
+        store.gate.set()
+        record = storage_key("default", scope_of([("Authorization", ())]), k).store
+        for _ in range(1000):  # until the complete that the gate held has run
+            info = await store.inspect(record)
+            if info is not None and info.state == "done":
+                break
+            await asyncio.sleep(0.001)
+        replayed = await post(client, proxy, "/v1/pay", b"{}", k)
+    assert replayed[0] == 201 and replayed[1].get("Idempotent-Replayed") == "true"
+    assert replayed[2] == first[2]
+    assert upstream.executions(k) == 1

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import InvalidKey
-from proxy.keys import fingerprint_request, parse_key, scope_of, storage_key
+from proxy.keys import (
+    STORAGE_PREFIX,
+    fingerprint_request,
+    parse_key,
+    scope_of,
+    storage_key,
+)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +56,8 @@ def test_storage_key_hides_the_key_and_the_tenant() -> None:
     alice = scope_of([("Authorization", ["Bearer alice"])])
     bob = scope_of([("Authorization", ["Bearer bob"])])
     record = storage_key("ns", alice, "order-42")
-    assert "order-42" not in record and "alice" not in record
+    assert "order-42" not in record.store and "alice" not in record.store
+    assert record.store == STORAGE_PREFIX + record.hash
     assert record == storage_key("ns", alice, "order-42")
     assert len({record, storage_key("ns", bob, "order-42"), storage_key("ns2", alice, "order-42"),
                 storage_key("ns", alice, "order-43")}) == 4  # fmt: skip

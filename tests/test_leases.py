@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextvars import Context
 from typing import TypeVarTuple
 
+from proxy.keys import RecordKey
 from proxy.leases import Leases
 from proxy.store.memory import MemoryStore
 
@@ -43,9 +44,9 @@ class CountingLoop(asyncio.SelectorEventLoop):
 async def hold_a_lease(store: SlowRenewals) -> None:
     lock = await store.begin("idp:k", "fp", lease=LEASE, ttl=60, takeover=False)
     leases = Leases(store)
-    held = leases.hold("idp:k", lock.token, LEASE)  # type: ignore[union-attr]
+    held = leases.hold(RecordKey("k"), lock.token, LEASE)  # type: ignore[union-attr]
     await asyncio.sleep(HOLD)
-    leases.release(held)
+    leases.drop(held)
     leases.close()
 
 

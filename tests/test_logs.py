@@ -15,7 +15,7 @@ from tests.conftest import Launcher
 
 ACCESS_FIELDS = {
     "time", "level", "event", "route", "method", "path", "outcome", "status", "key_hash",
-    "upstream_status", "upstream_ms", "latency_ms", "request_id",
+    "upstream_status", "upstream_ms", "latency_ms", "request_id", "error",
 }  # fmt: skip
 
 

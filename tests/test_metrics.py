@@ -1,7 +1,8 @@
 """Metrics: what an operator's dashboards see of the proxy, read from the admin /metrics.
 
-The test scripts a sequence of requests, one of each outcome, and checks every count,
-duration, store operation and size it leaves behind.
+The first test scripts a sequence of requests, one of each outcome, and checks every count,
+duration, store operation and size it leaves behind; the others check that the batched metric
+updates expose exactly what prometheus-client's own calls would, and the outcome label.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import asyncio
 import os
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from proxy.metrics import OUTCOMES, LocalHistogram
+from proxy.outcomes import RequestOutcome
 from proxy.server import Running
 from tests.conftest import ProxyFactory, Upstream, key
 from tests.support.metrics import scrape, value
 from tests.support.requests import request
+
+SAMPLES = (0.0001, 0.0005, 0.003, 0.003, 0.2, 7.0, 99.0)
+BUCKETS = (0.0005, 0.001, 0.005, 0.1, 1.0, 10.0)
 
 
 async def send(client: aiohttp.ClientSession, proxy: Running, method: str, path: str,
@@ -29,7 +36,8 @@ async def test_metrics_count_every_outcome_of_a_scripted_sequence(
     tag = os.urandom(3).hex()  # the registry is process-wide: route ids keep this test's own
     strict, loose = f"strict-{tag}", f"loose-{tag}"
     proxy = await start_proxy(routes=[
-        {"path": "/loose/*", "id": loose}, {"path": "/*", "id": strict, "require_key": True},
+        {"path": "/loose/*", "id": loose},
+        {"path": "/*", "id": strict, "require_key": True, "on_concurrent": "reject"},
     ])  # fmt: skip
     before = await scrape(client, proxy.admin_url)
 
@@ -76,3 +84,34 @@ async def test_metrics_count_every_outcome_of_a_scripted_sequence(
     assert delta("idempotency_proxy_stored_response_bytes_count") == 2
     assert delta("idempotency_proxy_stored_response_bytes_sum") > 0
     assert value(after, "idempotency_proxy_in_flight_records") == 0
+
+
+# --- the batched updates ------------------------------------------------------------------
+
+
+def exposition(batched: bool) -> list[bytes]:
+    registry = CollectorRegistry()
+    histogram = Histogram("h", "help", ["route"], buckets=BUCKETS, registry=registry)
+    child = histogram.labels("r")
+    if batched:
+        local = LocalHistogram(child)
+        for value in SAMPLES:
+            local.observe(value)
+        local.flush()
+        local.flush()  # a second flush adds nothing
+    else:
+        for value in SAMPLES:
+            child.observe(value)
+    lines = generate_latest(registry).splitlines()
+    return [line for line in lines if b"_created" not in line]  # a creation time differs
+
+
+def test_a_flushed_batch_exposes_what_observe_would() -> None:
+    """Buckets, count and sum match one `observe` per sample (and fail if the library's
+    histogram internals change under the batching)."""
+    assert exposition(batched=True) == exposition(batched=False)
+
+
+def test_the_outcome_label_takes_exactly_the_enum_values() -> None:
+    """One list of outcomes for metrics, logs and tests."""
+    assert set(OUTCOMES) == {outcome.value for outcome in RequestOutcome}

@@ -9,6 +9,8 @@ from proxy import metrics
 from proxy.config import StoreConfig
 from proxy.errors import StoreError
 from proxy.store.base import Decision, Outcome, RecordInfo, Store
+from proxy.store.topology import open_batcher
+from proxy.store_url import is_topology_url
 
 __all__ = ["MeasuredStore", "Store", "open_store"]
 
@@ -21,7 +23,10 @@ def open_store(config: StoreConfig) -> Store:
         return MemoryStore(max_records=config.max_records, max_bytes=config.max_bytes)
     from proxy.store.redis import RedisStore
 
-    return RedisStore(config.url, timeout=config.timeout)
+    if is_topology_url(config.url):  # Sentinel or Cluster: the same store on their batchers
+        batcher = open_batcher(config.url, config.timeout, min_replicas_ack=config.min_replicas_ack)
+        return RedisStore(timeout=config.timeout, batcher=batcher)
+    return RedisStore(config.url, timeout=config.timeout, min_replicas_ack=config.min_replicas_ack)
 
 
 class MeasuredStore:
@@ -45,11 +50,13 @@ class MeasuredStore:
     # begin and complete are on every first attempt's path: timed inline, without
     # the extra coroutine that `_measure` costs.
     async def begin(
-        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
-    ) -> Decision:
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool,
+        tombstone: float = 0.0,
+    ) -> Decision:  # fmt: skip
         started = time.perf_counter()
         try:
-            return await self.inner.begin(key, fingerprint, lease=lease, ttl=ttl, takeover=takeover)
+            return await self.inner.begin(key, fingerprint, lease=lease, ttl=ttl,
+                                          takeover=takeover, tombstone=tombstone)  # fmt: skip
         except StoreError:
             self._errors["begin"].inc()
             raise
@@ -59,10 +66,12 @@ class MeasuredStore:
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return bool(await self._measure("renew", self.inner.renew(key, token, lease=lease)))
 
-    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+    async def complete(
+        self, key: str, token: str, outcome: Outcome, *, ttl: float, tombstone: float = 0.0
+    ) -> bool:
         started = time.perf_counter()
         try:
-            return await self.inner.complete(key, token, outcome, ttl=ttl)
+            return await self.inner.complete(key, token, outcome, ttl=ttl, tombstone=tombstone)
         except StoreError:
             self._errors["complete"].inc()
             raise

@@ -2,8 +2,11 @@
 
 A record exists per (namespace, scope, key), addressed by a hashed storage key (see
 `proxy.keys.storage_key`). It is either in flight (owned by one fencing token until its
-lease deadline) or done (holding the outcome to replay). Every transition is atomic in the
-backend and checks the token, so two proxies can never both believe they own a key.
+lease deadline) or done (holding the outcome to replay). With a tombstone, a done record
+outlives its response: for `tombstone` more seconds after its ttl only its fingerprint and
+the outcome's kind and status are kept, so a late retry is told, never executed again.
+Every transition is atomic in the backend and checks the token, so two proxies can never
+both believe they own a key.
 
 Times cross the seam as seconds (floats); backends measure leases with their own clock
 (Redis: the server's `TIME`), so proxies with skewed clocks agree.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 OutcomeKind = Literal["response", "too_large", "unknown"]
@@ -70,9 +73,15 @@ class Acquired:
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """The key is done: answer with its outcome."""
+    """The key is done: answer with its outcome.
+
+    `age`, here and in `InProgress` and `Mismatch`: seconds since the key's first attempt
+    began (its record was created), or None for a record that does not say. Observe mode
+    reports it as the time between two attempts; it never changes a decision.
+    """
 
     outcome: Outcome
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +89,26 @@ class InProgress:
     """Another request owns the key; its lease runs for `retry_after` more seconds."""
 
     retry_after: float
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
     """The key was first used with a different request fingerprint."""
 
+    age: float | None = field(default=None, compare=False)
 
-Decision = Acquired | Replay | InProgress | Mismatch
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The key was executed, but its response is past its ttl: only a tombstone is left,
+    with the outcome's kind and status (0 when the outcome is unknown)."""
+
+    kind: OutcomeKind
+    status: int
+
+
+Decision = Acquired | Replay | InProgress | Mismatch | Expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,32 +122,50 @@ class RecordInfo:
     outcome: OutcomeKind | None = None
     status: int | None = None
     body_bytes: int | None = None
+    tombstone: bool = False  # done, response expired: only fingerprint, kind, status kept
 
 
 class Store(Protocol):
     """An idempotency store. Every method raises `proxy.errors.StoreError` on failure."""
 
     async def begin(
-        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool
-    ) -> Decision:
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, takeover: bool,
+        tombstone: float = 0.0,
+    ) -> Decision:  # fmt: skip
         """Decide a request in one atomic step.
 
         - no record: create it in flight with a new token, lease and ttl -> `Acquired`;
-        - fingerprint differs from the record's -> `Mismatch` (whatever the state);
-        - done -> `Replay` of its outcome;
+        - fingerprint differs from the record's -> `Mismatch` (whatever the state, a
+          tombstone's included);
+        - done -> `Replay` of its outcome; once its response is past its ttl (a tombstone)
+          -> `Expired` with the outcome's kind and status;
         - in flight, lease running -> `InProgress`;
         - in flight, lease expired (the owner died): with `takeover`, take the record
           with a new token and lease -> `Acquired(takeover=True)`; without, turn it into
-          the terminal `UNKNOWN_OUTCOME` -> `Replay`.
+          the terminal `UNKNOWN_OUTCOME` -> `Replay`, which is kept as a tombstone for
+          `tombstone` seconds after the record's ttl.
+
+        `Replay`, `InProgress` and `Mismatch` carry the record's `age` (since its creation;
+        a takeover keeps it). A record created or taken over is kept for at least its new
+        lease, even when less of its ttl is left (or `lease` exceeds `ttl`): it never expires
+        under its owner.
         """
         ...
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        """Extend the lease to now + `lease` if `token` still owns the in-flight record."""
+        """Extend the lease to now + `lease` if `token` still owns the in-flight record.
+
+        The record is kept for at least that lease, past its ttl if need be.
+        """
         ...
 
-    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+    async def complete(
+        self, key: str, token: str, outcome: Outcome, *, ttl: float, tombstone: float = 0.0
+    ) -> bool:
         """Store `outcome` (done, kept `ttl`) if `token` still owns the in-flight record.
+
+        With `tombstone`, the record outlives its response by that many seconds, holding
+        only its fingerprint and the outcome's kind and status (`begin` answers `Expired`).
 
         Returns False, storing nothing, when the token was fenced out by a takeover or the
         record became "outcome unknown". Completing again with the same token after it

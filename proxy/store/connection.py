@@ -1,237 +1,292 @@
-"""One multiplexed Redis connection for the hot path.
+"""Batching store commands on connections that redis-py manages.
 
-Every request makes one or two store calls, and awaiting redis-py once per command costs a
-Python proxy about half its throughput: the client library's per-command machinery (pool
-checkout, retry wrapper, observability hooks, reply parsing through coroutines), not the
-network, is what costs. Here concurrent callers share one connection: a command is encoded
-and queued, every command queued during one event-loop iteration goes out in one write, and
-replies, which Redis sends in order, are parsed by hiredis as they arrive and handed to the
-waiting futures first-in first-out. No task, lock or pool per command.
+Every request makes one or two store calls, and awaiting redis-py's client once per command
+costs a Python proxy about half its throughput: its per-command machinery (pool checkout,
+retry wrapper, observability hooks), not the network, is what costs. So the hot path batches:
+the commands queued during one event-loop iteration are packed by hiredis, sent with one
+`send_packed_command` on a connection checked out of a redis-py `ConnectionPool`, their
+replies read in order with `read_response`, and the connection goes back to the pool.
 
-A multiplexed connection cannot abandon a single reply, so the store timeout applies to the
-connection: when the oldest unanswered command is older than the timeout, the connection is
-closed and every waiter fails with `StoreUnavailable`. The next call reconnects.
+Everything about the connection itself is redis-py's: connecting, AUTH/ACL and credential
+providers, every TLS option, keepalive, health checks, and (for a Sentinel pool) finding the
+primary. `RedisBatcher` only needs a pool, so a Sentinel pool or the per-node pools of a
+Cluster plug in unchanged.
 
-Connection settings (host, port, db, username, password, TLS) come from the same URL redis-py
-parses, with redis-py's own parser.
+Rules the store's correctness rests on:
+
+- Nothing is re-sent. Every redis-py retry is off; a batch is bounded by the store timeout
+  as a whole (connect, write, every reply). On a timeout or a connection error the connection
+  is disconnected, never returned to the pool with replies still owed, and every command not
+  answered fails with `Unanswered`: Redis may still run it.
+- Batches run side by side on separate connections: a large command (a 1 MiB complete) is a
+  batch of its own, so small decisions never wait behind its I/O.
+- A `READONLY` reply (a demoted primary) drops the connection, so the next one is opened
+  afresh (and a Sentinel pool asks the sentinels where the primary is now).
+- `call_acknowledged` commands count as done only once `min_replicas_ack` replicas have
+  acknowledged them: their batch ends with one `WAIT`, and without enough acknowledgements
+  they fail with `Unacknowledged`.
+
+redis-py's errors are translated into `StoreUnavailable` here; replies that are errors
+(`-NOSCRIPT`, `-MOVED`, ...) are returned as `ReplyError` values for the caller to judge.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
+import contextlib
 import time
-from collections import deque
-from typing import Any, cast
+from typing import Any
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from proxy.errors import StoreUnavailable
+from proxy.tasks import spawn
 
-# After a failed connect, callers fail fast for this long instead of each opening a socket.
+# A command larger than this travels in a batch of its own.
+LARGE_COMMAND = 64 * 1024
+# redis-py pings a connection idle this long before using it (unless the URL says otherwise).
+DEFAULT_HEALTH_CHECK_INTERVAL = 15
+# After a refused connect, batches fail at once for this long instead of each opening a socket.
 _RECONNECT_PAUSE = 0.1
 
 
 class ReplyError(Exception):
-    """An error reply from Redis (`-ERR ...`, `-NOSCRIPT ...`), returned, not raised."""
+    """An error reply from Redis (`NOSCRIPT ...`, `READONLY ...`), returned, not raised."""
 
 
 class Unanswered(StoreUnavailable):
-    """The command was written but not answered in time: Redis may still run it later."""
+    """The command was written but not answered in time: Redis may still run it."""
 
 
-def encode(args: tuple[Any, ...]) -> bytes:
-    """A command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        else:
-            data = str(arg).encode()
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(b"\r\n")
-    return b"".join(parts)
+class Unacknowledged(Unanswered):
+    """Redis ran the command, but too few replicas acknowledged it within the timeout."""
 
 
-class _Protocol(asyncio.Protocol):
-    def __init__(self, owner: RedisConnection) -> None:
-        self.owner = owner
-        self.transport: asyncio.Transport | None = None
-        self.reader = hiredis.Reader(replyError=ReplyError)
-        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self.queue: list[bytes] = []  # encoded commands waiting for this iteration's write
-        self.closed = False
+def connection_pool(url: str, timeout: float) -> ConnectionPool:
+    """redis-py's pool for `url`, with the proxy's defaults under the URL's own options.
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        waiters = self.waiters
-        while (reply := self.reader.gets()) is not False:
-            if not waiters:  # a reply nobody asked for: the stream is out of step
-                self.fail("redis sent an unexpected reply")
-                return
-            future, _ = waiters.popleft()
-            if not future.done():
-                future.set_result(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(f"connection lost: {exc}" if exc else "connection closed by redis")
-
-    def fail(self, reason: str) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-        error = Unanswered(f"redis: {reason}", retry_after=1)
-        while self.waiters:
-            future, _ = self.waiters.popleft()
-            if not future.done():
-                future.set_exception(error)
-        self.owner.lost(self)
+    Defaults (each overridden by the same option in the URL): `socket_connect_timeout` is the
+    store timeout, `socket_timeout` none (the batch deadline bounds every read),
+    `socket_keepalive` on for TCP, `health_check_interval` 15 s. Retries are always off.
+    """
+    defaults: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": None,
+        "health_check_interval": DEFAULT_HEALTH_CHECK_INTERVAL,
+    }
+    # Maintenance notifications need RESP3 and, left on "auto", make the pool skip its check
+    # that a pooled connection is clean (not closed by the server while idle).
+    pool = ConnectionPool.from_url(
+        url, maint_notifications_config=MaintNotificationsConfig(enabled=False), **defaults
+    )
+    if issubclass(pool.connection_class, Connection):
+        pool.connection_kwargs.setdefault("socket_keepalive", True)
+    disable_retries(pool)
+    return pool
 
 
-class RedisConnection:
-    """Concurrent callers, one connection, one write per loop iteration."""
+def disable_retries(pool: ConnectionPool) -> None:
+    """No connection of `pool` ever retries: a store command must never run twice."""
+    pool.connection_kwargs.update(
+        retry=Retry(NoBackoff(), 0), retry_on_error=[], retry_on_timeout=False
+    )
 
-    def __init__(self, url: str, timeout: float) -> None:
-        options = parse_url(url)
-        self._timeout = timeout
-        self._host = options.get("host", "localhost")
-        self._port = int(options.get("port", 6379))
-        self._path = options.get("path")
-        self._db = int(options.get("db", 0) or 0)
-        self._username = options.get("username")
-        self._password = options.get("password")
-        self._ssl: ssl.SSLContext | None = None
-        if options.get("connection_class") is SSLConnection:
-            cafile = options.get("ssl_ca_certs")
-            self._ssl = ssl.create_default_context(cafile=str(cafile) if cafile else None)
-            if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-                self._ssl.check_hostname = False
-                self._ssl.verify_mode = ssl.CERT_NONE
-        self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Future[_Protocol] | None = None
+
+def reply_error(exc: ResponseError) -> ReplyError:
+    """An error reply as Redis sent it (`NOSCRIPT No matching script...`)."""
+    code = exc.status_code
+    return ReplyError(f"{code} {exc}" if code else str(exc))
+
+
+class _Batch:
+    """Commands that travel together on one connection, and who waits for each reply."""
+
+    __slots__ = ("acknowledged", "chunks", "waiters")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        # (future, acknowledged?) per command, in the order the replies will come
+        self.waiters: list[tuple[asyncio.Future[Any], bool]] = []
+        self.acknowledged = False
+
+
+class RedisBatcher:
+    """Concurrent callers, pooled connections, one write per batch.
+
+    `call(*args)` returns a future for the reply (a `ReplyError` for an error reply), or
+    fails with `StoreUnavailable` (`Unanswered` once the command may have been sent).
+    Small commands queued back to back in one synchronous stretch travel in one batch, in
+    order, on one connection; a large one travels alone.
+    """
+
+    def __init__(self, pool: ConnectionPool, timeout: float, *, min_replicas_ack: int = 0) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.min_replicas_ack = min_replicas_ack
+        # WAIT gets half the store timeout; the rest is for the commands and the network.
+        self._wait: tuple[Any, ...] = ("WAIT", min_replicas_ack, max(1, round(timeout * 500)))
+        self._pending: _Batch | None = None
         self._down_until = 0.0
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
 
-    async def call(self, *args: Any) -> Any:
-        """Send one command; return its reply (a `ReplyError` for error replies)."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-            if protocol.closed:  # lost before this caller could queue on it: nothing sent
-                raise StoreUnavailable("redis: connection lost", retry_after=1)
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future holds its reply."""
+        return self._queue(args, False)
+
+    def call_acknowledged(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue a write that counts as done only once `min_replicas_ack` replicas have it."""
+        return self._queue(args, self.min_replicas_ack > 0)
+
+    def _queue(self, args: tuple[Any, ...], acknowledged: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not protocol.queue:
-            loop.call_soon(self._flush, protocol)
-        protocol.queue.append(encode(args))
-        protocol.waiters.append((future, time.monotonic() + self._timeout))
-        if self._watchdog is None:
-            self._arm()
-        return await future
+        if self._closed:
+            future.set_exception(StoreUnavailable("redis: store closed", retry_after=1))
+            return future
+        packed = hiredis.pack_command(args)
+        if len(packed) > LARGE_COMMAND:
+            alone = _Batch()
+            self._add(alone, packed, future, acknowledged)
+            spawn(self._run(alone), "store-batch")
+            return future
+        batch = self._pending
+        if batch is None:
+            batch = self._pending = _Batch()
+            loop.call_soon(self._flush)
+        self._add(batch, packed, future, acknowledged)
+        return future
 
-    def _flush(self, protocol: _Protocol) -> None:
-        data, protocol.queue = b"".join(protocol.queue), []
-        if protocol.closed or protocol.transport is None:
-            return  # its waiters were failed when it closed
-        protocol.transport.write(data)
+    @staticmethod
+    def _add(batch: _Batch, packed: bytes, future: asyncio.Future[Any], ack: bool) -> None:
+        batch.chunks.append(packed)
+        batch.waiters.append((future, ack))
+        if ack:
+            batch.acknowledged = True
 
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(self._timeout / 4, self._check)
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            spawn(self._run(pending), "store-batch")
 
-    def _check(self) -> None:
-        # The connection of now, not the one the timer was armed for: a connection that
-        # replaced a lost one must be watched too.
-        self._watchdog = None
-        protocol = self._protocol
-        if protocol is None or protocol.closed or not protocol.waiters:
-            return
-        if protocol.waiters[0][1] < time.monotonic():
-            protocol.fail("no answer within the store timeout")
-            return
-        self._arm()
-
-    def lost(self, protocol: _Protocol) -> None:
-        if self._protocol is protocol:
-            self._protocol = None
-
-    async def _connect(self) -> _Protocol:
-        if self._connecting is not None:
-            return await asyncio.shield(self._connecting)
-        if time.monotonic() < self._down_until:
-            raise StoreUnavailable("redis: unreachable (retrying shortly)", retry_after=1)
-        loop = asyncio.get_running_loop()
-        self._connecting = loop.create_future()
+    async def _run(self, batch: _Batch) -> None:
+        """Send one batch and hand out its replies; never leaves a waiter hanging."""
+        if batch.acknowledged:
+            batch.chunks.append(hiredis.pack_command(self._wait))
+        connection: AbstractConnection | None = None
+        sent = False
+        answered = 0
+        keep = False
         try:
-            protocol = await self._open()
+            if time.monotonic() < self._down_until:
+                raise StoreUnavailable("redis: unreachable (retrying shortly)", retry_after=1)
+            async with asyncio.timeout(self.timeout):
+                connection = await self._checkout()
+                sent = True  # from here on, Redis may run what was written
+                # One bytes object: a list would be written chunk by chunk, a syscall each.
+                data = b"".join(batch.chunks)
+                await connection.send_packed_command(data, check_health=False)
+                answered, keep = await self._read_replies(connection, batch)
         except BaseException as exc:
-            self._down_until = time.monotonic() + _RECONNECT_PAUSE
-            error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(
-                f"redis: cannot connect to {self._where()}: {exc or type(exc).__name__}",
-                retry_after=1,
-            )  # fmt: skip
-            self._connecting.set_exception(error)
-            self._connecting.exception()  # retrieved: nobody else may be waiting
-            self._connecting = None
+            error = self._failure(exc, sent)
+            for future, _ in batch.waiters[answered:]:
+                if not future.done():
+                    future.set_exception(error)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise error from exc
-        self._protocol = protocol
-        self._connecting.set_result(protocol)
-        self._connecting = None
-        return protocol
+        finally:
+            if connection is not None:
+                await self._checkin(connection, keep)
 
-    async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._timeout):
-            if self._path:
-                _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
-            else:
-                _, protocol = await loop.create_connection(
-                    lambda: _Protocol(self), self._host, self._port, ssl=self._ssl
-                )
+    async def _checkout(self) -> AbstractConnection:
+        """A connected connection from the pool, health-checked as redis-py would."""
+        try:
+            connection: AbstractConnection = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:
+            if not isinstance(exc, TimeoutError | RedisTimeoutError):
+                # Refused or reset: the next batches would fail the same way at once.
+                self._down_until = time.monotonic() + _RECONNECT_PAUSE
+            raise
+        interval = connection.health_check_interval
+        if interval and asyncio.get_running_loop().time() > connection.next_health_check:
+            # Nothing of ours is written yet, so a connection that fails its PING (dropped
+            # by a NAT while idle) costs only a reconnect, within half the store timeout.
             try:
-                await self._handshake(protocol)
+                try:
+                    async with asyncio.timeout(self.timeout / 2):
+                        await connection.check_health()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError, TimeoutError):
+                    await connection.disconnect(nowait=True)
+                    await connection.connect()  # type: ignore[no-untyped-call]
             except BaseException:
-                protocol.fail("handshake failed")
+                await self._checkin(connection, keep=False)
                 raise
-        return protocol
+        return connection
 
-    async def _handshake(self, protocol: _Protocol) -> None:
-        """AUTH and SELECT, as the URL asks, before the connection is shared."""
-        commands: list[tuple[Any, ...]] = []
-        if self._password is not None:
-            if self._username:
-                commands.append(("AUTH", self._username, self._password))
-            else:
-                commands.append(("AUTH", self._password))
-        if self._db:
-            commands.append(("SELECT", self._db))
-        loop = asyncio.get_running_loop()
-        for command in commands:
-            assert protocol.transport is not None
-            future: asyncio.Future[Any] = loop.create_future()
-            protocol.waiters.append((future, time.monotonic() + self._timeout))
-            protocol.transport.write(encode(command))
-            reply = await future
-            if isinstance(reply, ReplyError):
-                raise StoreUnavailable(f"redis: {command[0]} refused: {reply}", retry_after=1)
+    async def _read_replies(
+        self, connection: AbstractConnection, batch: _Batch
+    ) -> tuple[int, bool]:
+        """Read every reply in order; return how many waiters were answered, and whether the
+        connection may go back to the pool."""
+        keep = True
+        held: list[tuple[asyncio.Future[Any], Any]] = []
+        answered = 0
+        for future, acknowledged in batch.waiters:
+            try:
+                reply = await connection.read_response()
+            except ResponseError as exc:
+                if isinstance(exc, ReadOnlyError):
+                    keep = False  # a demoted primary: find the writable node afresh
+                reply = reply_error(exc)
+            if acknowledged:
+                held.append((future, reply))
+            elif not future.done():
+                future.set_result(reply)
+            answered += 1
+        if batch.acknowledged:
+            try:
+                acks = await connection.read_response()
+            except ResponseError as exc:
+                acks = reply_error(exc)
+            error = None
+            if not isinstance(acks, int) or acks < self.min_replicas_ack:
+                error = Unacknowledged(
+                    f"redis: {acks} of {self.min_replicas_ack} replicas acknowledged in time",
+                    retry_after=1,
+                )
+            for future, reply in held:
+                if future.done():
+                    continue
+                if error is None:
+                    future.set_result(reply)
+                else:
+                    future.set_exception(error)
+        return answered, keep
 
-    def _where(self) -> str:
-        return self._path or f"{self._host}:{self._port}"
+    async def _checkin(self, connection: AbstractConnection, keep: bool) -> None:
+        if not keep:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):  # closed either way
+                await connection.disconnect(nowait=True)
+        await self.pool.release(connection)
+
+    def _failure(self, exc: BaseException, sent: bool) -> StoreUnavailable:
+        if isinstance(exc, StoreUnavailable):
+            return exc
+        if isinstance(exc, TimeoutError) and not str(exc):
+            reason = "no answer within the store timeout"
+        elif isinstance(exc, asyncio.CancelledError):
+            reason = "store closed"
+        else:
+            reason = str(exc) or type(exc).__name__
+        if sent:
+            return Unanswered(f"redis: {reason}", retry_after=1)
+        return StoreUnavailable(f"redis: {reason}", retry_after=1)
 
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.closed = True
-            self._protocol.transport.close()
-        self._protocol = None
+        self._closed = True
+        await self.pool.aclose()

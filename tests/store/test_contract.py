@@ -7,18 +7,22 @@ against the embedded store and a real redis-server, whose clock is its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from proxy.config import StoreConfig
 from proxy.keys import STORAGE_PREFIX
+from proxy.store import open_store
 from proxy.store.base import (
     UNKNOWN_OUTCOME,
     Acquired,
     Decision,
+    Expired,
     InProgress,
     Mismatch,
     Outcome,
+    RecordInfo,
     Replay,
     Store,
     StoredResponse,
@@ -26,6 +30,7 @@ from proxy.store.base import (
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.conftest import RedisServer, key
+from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
 
 TTL = 30.0
 LEASE = 5.0
@@ -41,14 +46,20 @@ def record_key(name: str) -> str:
     return STORAGE_PREFIX + key(name)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     backend: Store
     if request.param == "memory":
         backend = MemoryStore()
-    else:
+    elif request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis")
         backend = RedisStore(server.url, timeout=2.0)
+    else:  # the same store class behind a Sentinel group or over a Cluster
+        topology: SentinelGroup | ClusterNodes = request.getfixturevalue(
+            "shared_sentinel_group" if request.param == "sentinel" else "shared_cluster"
+        )
+        topology.flush()
+        backend = open_store(StoreConfig(url=topology.url, timeout=2.0))
     yield backend
     await backend.close()
 
@@ -92,6 +103,28 @@ async def test_other_fingerprint_is_a_mismatch_in_any_state(store: Store) -> Non
     assert isinstance(lock, Acquired)
     await store.complete(record, lock.token, RESPONSE, ttl=TTL)
     assert isinstance(await begin(store, record, "fp-b"), Mismatch)
+
+
+async def test_decisions_on_an_existing_record_carry_its_age(store: Store) -> None:
+    """In progress, replay and mismatch say how long ago the key's first attempt began."""
+    record = record_key("r")
+    lock = await begin(store, record)
+    assert isinstance(lock, Acquired)
+    started = asyncio.get_running_loop().time()
+    await asyncio.sleep(0.05)
+    in_progress = await begin(store, record)
+    assert isinstance(in_progress, InProgress) and in_progress.age is not None
+    assert 0.04 <= in_progress.age <= asyncio.get_running_loop().time() - started + 0.01
+    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
+    await asyncio.sleep(0.05)
+    replay = await begin(store, record)
+    assert isinstance(replay, Replay) and replay.age is not None
+    assert (
+        in_progress.age + 0.04 <= replay.age <= asyncio.get_running_loop().time() - started + 0.01
+    )
+    mismatch = await begin(store, record, "fp-other")
+    assert isinstance(mismatch, Mismatch) and mismatch.age is not None
+    assert mismatch.age >= replay.age
 
 
 async def test_complete_with_a_stale_token_is_fenced(store: Store) -> None:
@@ -153,6 +186,66 @@ async def test_renewal_keeps_the_record_past_its_ttl(store: Store) -> None:
     assert isinstance(await begin(store, record, lease=lease, ttl=ttl), InProgress)
     assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)
     assert await begin(store, record) == Replay(RESPONSE)
+
+
+async def wait_for_record(
+    store: Store, record: str, condition: Callable[[RecordInfo], bool]
+) -> None:
+    """Return once the record exists and meets `condition` (polled, bounded)."""
+    async with asyncio.timeout(5):
+        while True:
+            info = await store.inspect(record)
+            assert info is not None, "the record expired before the test could act on it"
+            if condition(info):
+                return
+            await asyncio.sleep(0.005)
+
+
+def late(info: RecordInfo) -> bool:
+    """Less of the record's 0.5 s ttl is left than the 1.5 s lease the tests grant next."""
+    return info.ttl_remaining is not None and info.ttl_remaining < 0.35
+
+
+async def assert_owned_past(store: Store, record: str, token: str, deadline: float) -> None:
+    """Once the clock passes `deadline` (loop time), the owner still holds the record: a retry
+    is told to wait, not to execute beside it, and the owner's result is stored and replayed."""
+    await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+    assert isinstance(await begin(store, record, lease=0.1, ttl=0.1, takeover=True), InProgress)
+    assert await store.complete(record, token, RESPONSE, ttl=TTL)
+    assert await begin(store, record) == Replay(RESPONSE)
+
+
+async def acquire_new(store: Store, *, lease: float, ttl: float) -> tuple[str, str, float]:
+    """A new record's key, its owner's token, and when its ttl ends (loop time)."""
+    record = record_key("r")
+    ttl_ends = asyncio.get_running_loop().time() + ttl
+    lock = await begin(store, record, lease=lease, ttl=ttl)
+    assert isinstance(lock, Acquired)
+    return record, lock.token, ttl_ends
+
+
+async def test_a_takeover_late_in_the_ttl_keeps_the_record_for_its_lease(store: Store) -> None:
+    """A takeover near the end of the ttl keeps the record for the whole new lease."""
+    record, _, ttl_ends = await acquire_new(store, lease=0.05, ttl=0.5)
+    # The old owner is dead and less of the ttl is left than the new lease will last.
+    await wait_for_record(store, record, lambda info: info.lease_remaining == 0 and late(info))
+    new = await begin(store, record, lease=1.5, ttl=0.5, takeover=True)
+    assert isinstance(new, Acquired) and new.takeover
+    await assert_owned_past(store, record, new.token, ttl_ends + 0.1)
+
+
+async def test_a_lease_longer_than_the_ttl_keeps_a_new_record_for_the_lease(store: Store) -> None:
+    """A begin whose lease outlasts its ttl keeps the record for the whole lease."""
+    record, token, ttl_ends = await acquire_new(store, lease=1.5, ttl=0.1)
+    await assert_owned_past(store, record, token, ttl_ends + 0.1)
+
+
+async def test_a_renewal_late_in_the_ttl_keeps_the_record_for_its_lease(store: Store) -> None:
+    """A renewal near the end of the ttl keeps the record for the whole renewed lease."""
+    record, token, ttl_ends = await acquire_new(store, lease=0.5, ttl=0.5)
+    await wait_for_record(store, record, late)
+    assert await store.renew(record, token, lease=1.5)
+    await assert_owned_past(store, record, token, ttl_ends + 0.1)
 
 
 async def test_renew_with_a_stale_token_fails(store: Store) -> None:
@@ -233,3 +326,71 @@ async def test_inspect_delete_and_counts(store: Store) -> None:
     assert await store.inspect(flying) is None
     assert not await store.delete(flying)
     await store.ping()
+
+
+# --- tombstones: a key remembered after its response expired -----------------------------
+
+
+async def complete_new(store: Store, record: str, *, ttl: float, tombstone: float) -> float:
+    """Execute a new key with `ttl` and `tombstone`; when its response expires (loop time)."""
+    lock = await begin(store, record, ttl=ttl)
+    assert isinstance(lock, Acquired)
+    assert await store.complete(record, lock.token, RESPONSE, ttl=ttl, tombstone=tombstone)
+    return asyncio.get_running_loop().time() + ttl
+
+
+async def sleep_until(deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+
+
+async def test_a_tombstone_outlives_the_response_then_the_key_is_free(store: Store) -> None:
+    """Inside its ttl a key replays; then, for tombstone more, the same request is told it
+    was executed (kind and status, no body), another is a mismatch; then the key is free."""
+    record = record_key("t")
+    response_ends = await complete_new(store, record, ttl=0.2, tombstone=0.6)
+    assert await begin(store, record) == Replay(RESPONSE)
+    await sleep_until(response_ends + 0.1)
+    assert await begin(store, record) == Expired("response", 201)
+    assert await begin(store, record) == Expired("response", 201)
+    assert isinstance(await begin(store, record, "fp-other"), Mismatch)
+    info = await store.inspect(record)
+    assert info is not None and info.state == "done" and info.tombstone
+    assert info.status == 201 and info.body_bytes == 0
+    assert (await store.counts())["done"] == 1
+    await sleep_until(response_ends + 0.6 + 0.1)
+    assert isinstance(await begin(store, record), Acquired)
+
+
+async def test_a_tombstone_keeps_a_non_replayable_outcome_s_kind(store: Store) -> None:
+    """A too-large outcome's tombstone says so, with the status the upstream answered."""
+    record = record_key("t")
+    lock = await begin(store, record, ttl=0.2)
+    assert isinstance(lock, Acquired)
+    too_large = Outcome("too_large", StoredResponse(200, (), b""))
+    assert await store.complete(record, lock.token, too_large, ttl=0.2, tombstone=5)
+    await asyncio.sleep(0.3)
+    assert await begin(store, record) == Expired("too_large", 200)
+    assert await store.complete(record, lock.token, RESPONSE, ttl=TTL)  # a retried complete
+    assert await begin(store, record) == Expired("too_large", 200)  # ... changes nothing
+
+
+async def test_an_unknown_outcome_keeps_a_tombstone_after_its_ttl(store: Store) -> None:
+    """A dead owner's record, turned into "outcome unknown", is remembered past its ttl."""
+    record = record_key("t")
+    ttl_ends = asyncio.get_running_loop().time() + 0.6  # room for a loaded machine
+    lock = await begin(store, record, lease=0.05, ttl=0.6)
+    assert isinstance(lock, Acquired)
+    await asyncio.sleep(0.1)
+    decision = await store.begin(record, "fp", lease=LEASE, ttl=0.6, takeover=False,
+                                 tombstone=5)  # fmt: skip
+    assert decision == Replay(UNKNOWN_OUTCOME)
+    await sleep_until(ttl_ends + 0.1)
+    assert await begin(store, record) == Expired("unknown", 0)
+
+
+async def test_without_a_tombstone_nothing_outlives_the_ttl(store: Store) -> None:
+    """tombstone 0 (the default) keeps nothing once the response expired."""
+    record = record_key("t")
+    response_ends = await complete_new(store, record, ttl=0.1, tombstone=0)
+    await sleep_until(response_ends + 0.1)
+    assert isinstance(await begin(store, record), Acquired)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import StoreUnavailable
-from proxy.store.base import Acquired, Outcome, Replay, StoredResponse
+from proxy.store.base import Acquired, Expired, Outcome, Replay, StoredResponse
 from proxy.store.memory import MemoryStore
 
 
@@ -67,3 +67,23 @@ async def test_in_flight_records_are_never_evicted() -> None:
     with pytest.raises(StoreUnavailable, match="full of records inside their ttl"):
         await store.begin("f3", "fp", lease=10, ttl=60, takeover=False)
     assert (await store.counts())["in_flight"] == 3
+
+
+async def test_a_tombstone_frees_its_response_and_the_key_stays_remembered() -> None:
+    """Records past their response's ttl drop their bodies when swept: a store whose byte cap
+    is full of tombstones makes room for new keys, and the tombstones still answer."""
+    clock = Clock()
+    store = MemoryStore(max_bytes=20_000, clock=clock)
+    stored = 0
+    for index in range(15):
+        lock = await store.begin(f"t{index}", "fp", lease=10, ttl=60, takeover=False)
+        assert isinstance(lock, Acquired)
+        await store.complete(f"t{index}", lock.token, OUTCOME, ttl=60, tombstone=600)
+        stored += 1
+    with pytest.raises(StoreUnavailable):
+        await fill(store, 10, "full")
+    clock.now += 120  # responses expired, tombstones kept
+    await fill(store, 10, "new")
+    for index in range(stored):
+        decision = await store.begin(f"t{index}", "fp", lease=10, ttl=60, takeover=False)
+        assert decision == Expired("response", 200)

@@ -11,11 +11,12 @@ pytest puts the root on sys.path (tests/ is a package), and the bench/ scripts r
 `python -m bench.<name>` from the root.
 
     ports         free loopback ports
-    waiting       wait_until: poll a condition instead of sleeping for a guessed time
+    waiting       wait_until (and wait_until_sync): poll a condition, never sleep a guess
     upstream      the counting upstream that plays the legacy API, and signals arrivals
     processes     ChildProcess: what the launchers below share (pid, alive)
     redis_server  RedisServer: a redis-server of our own (stop, kill, freeze, config lines)
     proxies       test configs, the proxy in-process, and the proxy as a process
     metrics       /metrics scraped into samples
     requests      keys, one request with its answer, problem+json checks, the replay check
+    raw_http      requests written and answers read byte by byte on a raw socket
 """

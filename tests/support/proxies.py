@@ -4,7 +4,7 @@ In-process (`ProxyStarter`) is the fast default: the test reaches the running ap
 and its config. As a process (`ProxyProcess`), the proxy can be SIGKILLed mid-flight, frozen
 with SIGSTOP, drained with SIGTERM, run with --workers, or pinned to a CPU by a benchmark;
 its stderr (JSON logs) goes to a file a test can read, and the environment the caller runs
-in never leaks into it (no IDEMPOTENCY_PROXY_* or PROMETHEUS_MULTIPROC_DIR unless asked).
+in never leaks into it (no IDEMPOTENCY_PROXY_*, OTEL_* or PROMETHEUS_MULTIPROC_DIR unless asked).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 # 2-core machine under a load of 10+, two --workers processes took more than 15 s.
 START_TIMEOUT = 25.0
 # Settings of the caller's environment that must not slip into a proxy process.
-SCRUBBED_ENV = ("IDEMPOTENCY_PROXY_", "PROMETHEUS_MULTIPROC_DIR")
+SCRUBBED_ENV = ("IDEMPOTENCY_PROXY_", "PROMETHEUS_MULTIPROC_DIR", "OTEL_")
 
 
 # --- the test config -------------------------------------------------------------------

@@ -44,7 +44,9 @@ class RedisServer(ChildProcess):
 
     directory: Path
     port: int = field(default_factory=free_port)
-    config: Sequence[str] = ()  # extra redis.conf lines, e.g. "requirepass s3cret"
+    config: Sequence[str] = ()  # extra redis.conf lines, e.g. "maxmemory 1mb"
+    extra_args: Sequence[str] = ()  # appended to the command line, e.g. ("--replicaof", ...)
+    password: str = ""  # set: the server requires AUTH (requirepass), and `url` carries it
     argv_prefix: Sequence[str] = ()  # e.g. ("taskset", "-c", "1")
     log: Path | None = None  # where its output goes; None: discarded
     frozen: bool = False
@@ -54,7 +56,8 @@ class RedisServer(ChildProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        userinfo = f":{self.password}@" if self.password else ""
+        return f"redis://{userinfo}{LOOPBACK}:{self.port}/0"
 
     def config_lines(self) -> list[str]:
         """The whole redis.conf: no persistence, loopback only, then `config` on top."""
@@ -65,6 +68,7 @@ class RedisServer(ChildProcess):
             "appendonly no",
             f'dir "{self.directory}"',
             "loglevel warning",
+            *([f"requirepass {self.password}"] if self.password else []),
             *self.config,
         ]
 
@@ -73,7 +77,7 @@ class RedisServer(ChildProcess):
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"redis-{self.port}.conf"
         path.write_text("\n".join(self.config_lines()) + "\n", encoding="utf-8")
-        return [*self.argv_prefix, redis_binary(), str(path)]
+        return [*self.argv_prefix, redis_binary(), str(path), *self.extra_args]
 
     def spawn(self) -> None:
         """Start the process without waiting for it to answer."""
@@ -138,8 +142,14 @@ class RedisServer(ChildProcess):
     def command(self, *args: str, timeout: float = 2.0) -> bytes:
         """Send one inline command and return the raw reply (FLUSHALL, CLIENT PAUSE, INFO)."""
         with socket.create_connection((LOOPBACK, self.port), timeout=timeout) as sock:
-            sock.sendall((" ".join(args) + "\r\n").encode())
-            return sock.recv(1 << 20)
+            sock.sendall(self._auth() + (" ".join(args) + "\r\n").encode())
+            reply = sock.recv(1 << 20)
+            if self.password:  # the AUTH reply came first
+                reply = reply.removeprefix(b"+OK\r\n") or sock.recv(1 << 20)
+            return reply
+
+    def _auth(self) -> bytes:
+        return f"AUTH {self.password}\r\n".encode() if self.password else b""
 
     def ping(self) -> bool:
         """Whether it answers (a server with a password answers NOAUTH: up all the same)."""

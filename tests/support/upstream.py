@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -119,18 +120,30 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def counting_upstream() -> AsyncIterator[Upstream]:
-    """Serve a fresh counting upstream on a free loopback port while the block runs."""
-    state = Upstream()
+async def serve_app(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    key: web.AppKey[Any],
+    state: Any,
+) -> AsyncIterator[str]:
+    """Serve `handler` for every method and path on a free loopback port, with `state` under
+    `key` in the app, for the block; yields its URL."""
     app = web.Application()
-    app[UPSTREAM_STATE] = state
-    app.router.add_route("*", "/{tail:.*}", _handle)
+    app[key] = state
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, LOOPBACK, port).start()
-    state.url = f"http://{LOOPBACK}:{port}"
     try:
-        yield state
+        yield f"http://{LOOPBACK}:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def counting_upstream() -> AsyncIterator[Upstream]:
+    """Serve a fresh counting upstream on a free loopback port while the block runs."""
+    state = Upstream()
+    async with serve_app(_handle, UPSTREAM_STATE, state) as url:
+        state.url = url
+        yield state

@@ -31,3 +31,26 @@ async def wait_until(
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{what} not met after {timeout:g}s")
         await asyncio.sleep(interval)
+
+
+def wait_until_sync(
+    condition: Callable[[], bool],
+    timeout: float = 5.0,
+    what: str | Callable[[], str] = "condition",
+    interval: float = 0.02,
+    ignore: tuple[type[Exception], ...] = (),
+) -> float:
+    """`wait_until` for code outside an event loop (fixtures that start Redis topologies, the
+    fuzzer's thread); exceptions of the `ignore` types count as "not yet". `what` may be a
+    callable, for a message that shows the state at the time of failure."""
+    started = time.monotonic()
+    while True:
+        try:
+            if condition():
+                return time.monotonic() - started
+        except ignore:
+            pass
+        if time.monotonic() - started > timeout:
+            message = what() if callable(what) else what
+            raise AssertionError(f"{message} not met after {timeout:g}s")
+        time.sleep(interval)

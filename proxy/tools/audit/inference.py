@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.audit.model import Attempt, Verdict
+from proxy.tools.audit.model import Attempt, Verdict
 
 REPLAY_HEADER = "Idempotent-Replayed"
 BUSY_STATUSES = frozenset({409, 425, 429, 503})
@@ -66,17 +66,19 @@ def describe(attempt: Attempt) -> str:
         return attempt.error or "no answer"
     text = str(attempt.status)
     if attempt.resource_id:
-        text += f" (id {_short(attempt.resource_id)})"
+        text += f" (id {shorten(attempt.resource_id)})"
     if attempt.replayed:
         text += " replayed"
     return text
 
 
-def _short(text: str, width: int = 24) -> str:
+def shorten(text: str, width: int = 24) -> str:
+    """`text`, cut to `width` characters with an ellipsis if longer."""
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _statuses(attempts: Sequence[Attempt]) -> str:
+def count_statuses(attempts: Sequence[Attempt]) -> str:
+    """`2x 201, 3x 409`: how the attempts were answered."""
     counts = Counter(str(a.status) if a.status is not None else "no answer" for a in attempts)
     return ", ".join(f"{n}x {status}" for status, n in sorted(counts.items()))
 
@@ -117,7 +119,7 @@ def judge_replay(first: Attempt, second: Attempt) -> tuple[Verdict, str, int]:
 def judge_concurrent(attempts: Sequence[Attempt]) -> tuple[Verdict, str, int]:
     """N duplicates sent at the same moment under one key."""
     ran = executions(attempts)
-    answered = f"{len(attempts)} at once: {_statuses(attempts)}"
+    answered = f"{len(attempts)} at once: {count_statuses(attempts)}"
     if len(ran) > 1:
         return (
             Verdict.UNSAFE,

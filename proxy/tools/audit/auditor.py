@@ -14,8 +14,9 @@ import time
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.audit.inference import BUSY_STATUSES, REPLAY_HEADER, _short, identify
-from proxy.audit.model import Attempt, AuditOptions
+from proxy.masking import redact_urls_in
+from proxy.tools.audit.inference import BUSY_STATUSES, REPLAY_HEADER, identify, shorten
+from proxy.tools.audit.model import Attempt, AuditOptions
 
 # Every attempt that is not meant to time out gets this long.
 REQUEST_TIMEOUT = 30.0
@@ -85,7 +86,7 @@ class Auditor:
             if read_timeout is not None
             else aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         )
-        shown_key = None if key is None else _short(key, 40)
+        shown_key = None if key is None else shorten(key, 40)
         started = time.perf_counter()
         try:
             async with self.session.request(
@@ -123,7 +124,7 @@ class Auditor:
                 label,
                 shown_key,
                 seconds=round(time.perf_counter() - started, 4),
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {redact_urls_in(str(exc))}",  # may quote the URL
             )
 
     async def send_until_settled(self, label: str, key: str, deadline: float) -> list[Attempt]:

@@ -1,20 +1,25 @@
 """`idempotency-proxy demo`: what a retry storm does to a payments API, with and without the proxy.
 
 The first thing a new user runs, so it needs nothing but this package: in one process, on
-loopback, it starts the toy non-idempotent payments API (`proxy.legacy_api`) and the proxy in
-front of it on the memory store, then plays the same retry storm twice, once straight at the
-API and once through the proxy. The storm is what real clients do: give up after a short
-timeout and retry with the same Idempotency-Key, back off and retry on 409, and sometimes
+loopback, it starts the toy non-idempotent payments API (`proxy.tools.legacy_api`) and the
+proxy in front of it on the memory store, then plays the same retry storm twice, once straight
+at the API and once through the proxy. The storm is what real clients do: give up after a
+short timeout and retry with the same Idempotency-Key, back off and retry on 409, and sometimes
 send one payment from several clients at once (a double click, two workers on one job).
 The counts of charges come from the API's own books, not from what the clients believe.
 
-The proxy runs with `on_concurrent: reject`, its default, so the demo shows what an
-unconfigured proxy does: a retry that races a first attempt still running gets 409 and
-tries again shortly after, until it gets the first attempt's answer replayed.
+With `--observe` the second run goes through a proxy in `mode: observe`: it forwards every
+retry and counts them, and the demo prints `idempotency-proxy report` beside the API's books,
+which agree duplicate for duplicate.
+
+The proxy runs with `on_concurrent: reject` (the default is `wait`), so the demo shows the
+409s a client that retries must handle: a retry that races a first attempt still running
+gets 409 and tries again shortly after, until it gets the first attempt's answer replayed.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import signal
@@ -27,13 +32,16 @@ from typing import TextIO
 import aiohttp
 
 from proxy.config import Config, parse_config
-from proxy.legacy_api import Ledger, LedgerSummary, LegacyApi, serve_legacy_api
 from proxy.server import serve
+from proxy.tools.legacy_api import Ledger, LedgerSummary, LegacyApi, serve_legacy_api
+from proxy.tools.options import Commands, positive
+from proxy.tools.report import Report, format_report, read_report, since
 
 DEFAULT_REQUESTS = 40
 DEFAULT_CONCURRENCY = 8
 DEFAULT_TIMEOUT = 0.5
 CHARGES_PATH = "/v1/charges"
+ROUTE_ID = "charges"
 KEY_HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
 # The storm. A slow API call takes SLOW_FACTOR client timeouts, so its client always gives
@@ -62,6 +70,7 @@ class DemoOptions:
     timeout: float = DEFAULT_TIMEOUT  # the clients' timeout, seconds
     seed: int | None = None
     serve: bool = True  # keep both servers up for curl until Ctrl-C
+    observe: bool = False  # the proxy only observes: forwards every retry, counts them
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +107,7 @@ class DemoResult:
     seed: int
     api_url: str
     proxy_url: str
+    report: Report | None = None  # with --observe: what the proxy counted during its storm
 
 
 def plan_payments(count: int, seed: int) -> list[Payment]:
@@ -109,15 +119,23 @@ def plan_payments(count: int, seed: int) -> list[Payment]:
     ]
 
 
-def proxy_config(upstream: str) -> Config:
-    """The demo's proxy: loopback, free ports, memory store, the default policy."""
+def proxy_config(upstream: str, observe: bool = False) -> Config:
+    """The demo's proxy: loopback, free ports, memory store, the default policy (observing
+    only, with `observe`)."""
     raw = {
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
         "upstream": upstream,
         "store": {"url": "memory://"},
         "shutdown_grace": "2s",
-        "routes": [{"path": CHARGES_PATH, "id": "charges", "on_concurrent": "reject"}],
+        "routes": [
+            {
+                "path": CHARGES_PATH,
+                "id": ROUTE_ID,
+                "on_concurrent": "reject",
+                "mode": "observe" if observe else "enforce",
+            }
+        ],
     }
     # env={}: the user's IDEMPOTENCY_PROXY_* variables (a Redis URL, a listen address) are
     # for their real proxy, not for the demo's.
@@ -142,23 +160,48 @@ async def run_demo(
     plan = plan_payments(options.requests, seed)
     async with (
         serve_legacy_api("127.0.0.1", 0, api) as api_url,
-        serve(proxy_config(api_url)) as proxy,
+        serve(proxy_config(api_url, options.observe)) as proxy,
     ):
         out.write(_introduction(options, seed, api_url, proxy.url))
         out.flush()
         progress = Progress(err, total=2 * len(plan))
         direct = await run_storm(api, api_url, plan, "direct", options, seed, progress)
-        proxied = await run_storm(api, proxy.url, plan, "proxy", options, seed, progress)
+        before = await read_report([proxy.admin_url])
+        name = "observe" if options.observe else "proxy"
+        proxied = await run_storm(api, proxy.url, plan, name, options, seed, progress)
         progress.close()
-        out.write(format_table(direct, proxied))
+        out.write(format_table(direct, proxied, options.observe))
+        report = None
+        if options.observe:
+            report = await counted_by_proxy(proxy.admin_url, before, proxied.books.charges)
+            out.write("\n  idempotency-proxy report, for the storm through the proxy:\n\n")
+            out.write(format_report(report))
         out.flush()
-        result = DemoResult(direct, proxied, seed, api_url, proxy.url)
+        result = DemoResult(direct, proxied, seed, api_url, proxy.url, report)
         if options.serve:
             api.slow_share = 0.0  # by hand, every answer is prompt
             out.write(_try_it(api_url, proxy.url))
             out.flush()
             await (stop.wait() if stop is not None else _interrupted())
     return result
+
+
+async def counted_by_proxy(admin_url: str, before: Report, charges: int) -> Report:
+    """The proxy's report of one storm, once it has counted every request the API served.
+
+    The API's books are read once it is idle; the proxy counts a request when it has sent
+    the API's answer on, a moment later. (Every request the proxy forwarded is a charge.)
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while True:
+        report = since(before, await read_report([admin_url]))
+        # Only the demo's route: a process that ran other proxies has their counters too.
+        report = Report([r for r in report.routes if r.route == ROUTE_ID], report.seconds)
+        counted = sum(route.requests for route in report.routes)
+        if counted >= charges or loop.time() > deadline:
+            return report
+        await asyncio.sleep(0.01)
 
 
 async def run_storm(
@@ -290,10 +333,11 @@ def table_values(result: StormResult) -> dict[str, str]:
     return {label: str(value) for label, value in zip(TABLE_ROWS, values, strict=True)}
 
 
-def format_table(direct: StormResult, proxied: StormResult) -> str:
+def format_table(direct: StormResult, proxied: StormResult, observe: bool = False) -> str:
     """The side-by-side comparison, and what it means in one sentence."""
     left, right = table_values(direct), table_values(proxied)
-    lines = [f"  {'':24}{'straight to the API':>22}{'through the proxy':>22}"]
+    column = "observing proxy" if observe else "through the proxy"
+    lines = [f"  {'':24}{'straight to the API':>22}{column:>22}"]
     lines += [f"  {label:24}{left[label]:>22}{right[label]:>22}" for label in TABLE_ROWS]
     lines.append("")
     lines.append("  (charges counted from the API's own books: charges per Idempotency-Key)")
@@ -303,6 +347,14 @@ def format_table(direct: StormResult, proxied: StormResult) -> str:
         f"duplicates: {format_money(books.amount_charged_twice)} charged twice. Through the "
         f"proxy: {proxied.books.duplicate_charges} duplicate charges."
     )
+    if observe:
+        verdict = (
+            f"Without the proxy, {books.duplicate_charges} of {books.charges} charges were "
+            "duplicates. Through the observing proxy, which changes nothing, "
+            f"{proxied.books.duplicate_charges} were: "
+            f"{format_money(proxied.books.amount_charged_twice)} charged twice, each one "
+            "counted by the proxy below."
+        )
     return "\n".join(lines) + "\n" + _wrap(verdict) + "\n"
 
 
@@ -319,8 +371,11 @@ def _introduction(options: DemoOptions, seed: int, api_url: str, proxy_url: str)
         "idempotency-proxy demo: a retry storm against a payments API that is not idempotent\n"
         "\n"
         f"  legacy API  {api_url}  every POST {CHARGES_PATH} creates a charge\n"
-        f"  proxy       {proxy_url}  in front of it: memory store, on_concurrent: reject\n"
-        "\n" + _wrap(storm) + "\n"
+        f"  proxy       {proxy_url}  in front of it: memory store, on_concurrent: reject"
+        + (", mode: observe\n" if options.observe else "\n")
+        + "\n"
+        + _wrap(storm)
+        + "\n"
     )
 
 
@@ -380,8 +435,53 @@ class Progress:
             self.stream.flush()
 
 
-def main(options: DemoOptions) -> int:
+def add_parser(commands: Commands) -> None:
+    """The `demo` command and its options."""
+    show = commands.add_parser(
+        "demo", help="show what a retry storm does to a payments API, with and without the proxy"
+    )
+    show.add_argument(
+        "--requests",
+        type=positive(int),
+        default=DEFAULT_REQUESTS,
+        help="payments in the storm, each with its own key (default %(default)s)",
+    )
+    show.add_argument(
+        "--concurrency",
+        type=positive(int),
+        default=DEFAULT_CONCURRENCY,
+        help="payments in flight at once (default %(default)s)",
+    )
+    show.add_argument(
+        "--timeout",
+        type=positive(float),
+        default=DEFAULT_TIMEOUT,
+        help="the clients' timeout in seconds (default %(default)s)",
+    )
+    show.add_argument("--seed", type=int, help="replay a run: the seed it printed")
+    show.add_argument(
+        "--observe",
+        action="store_true",
+        help="run the second storm through a proxy in mode: observe, and print its report",
+    )
+    show.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="exit after the table instead of serving until Ctrl-C",
+    )
+    show.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
     """The `demo` command."""
+    options = DemoOptions(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        seed=args.seed,
+        serve=not args.no_serve,
+        observe=args.observe,
+    )
     try:
         asyncio.run(run_demo(options, sys.stdout, sys.stderr))
     except KeyboardInterrupt:  # Ctrl-C during the storm: nothing to clean up by hand

@@ -15,6 +15,7 @@ clients believe.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from aiohttp import web
 
 from proxy.server import bind
+from proxy.tools.options import Commands, address, positive
 
 # The headers a charge is attributed to, in order: the key a client meant to deduplicate by,
 # or, for clients that send none, their own request id.
@@ -238,3 +240,30 @@ async def run_legacy_api(host: str, port: int, api: LegacyApi) -> None:
         print(f"legacy payments API (not idempotent) listening on {url}", flush=True)
         print(f"  curl -i -X POST {url}/v1/charges -d '{{\"amount\": 1999}}'", flush=True)
         await stop.wait()
+
+
+def add_parser(commands: Commands) -> None:
+    """The `legacy-api` command and its options."""
+    legacy = commands.add_parser("legacy-api", help="serve the toy non-idempotent payments API")
+    legacy.add_argument(
+        "--listen", default="127.0.0.1:9000", type=address, help="HOST:PORT (default %(default)s)"
+    )
+    legacy.add_argument(
+        "--slow-share",
+        type=float,
+        default=0.0,
+        help="share of charge requests that answer late (default 0)",
+    )
+    legacy.add_argument(
+        "--slow-seconds", type=positive(float), default=2.0, help="how late (default %(default)s)"
+    )
+    legacy.add_argument("--seed", type=int, help="seed for choosing the slow requests")
+    legacy.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `legacy-api` command: serve the toy API until SIGTERM or SIGINT."""
+    host, port = args.listen
+    api = LegacyApi(slow_share=args.slow_share, slow_seconds=args.slow_seconds, seed=args.seed)
+    asyncio.run(run_legacy_api(host, port, api))
+    return 0

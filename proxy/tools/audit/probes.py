@@ -17,8 +17,10 @@ from typing import TextIO
 
 import aiohttp
 
-from proxy.audit.auditor import POLL_DEADLINE, RETRY_PAUSE_MIN, Auditor, OutOfRequests
-from proxy.audit.inference import (
+from proxy.config import KEY_MAX_LENGTH
+from proxy.masking import redact_url
+from proxy.tools.audit.auditor import POLL_DEADLINE, RETRY_PAUSE_MIN, Auditor, OutOfRequests
+from proxy.tools.audit.inference import (
     LONG_KEY_LENGTH,
     REPLAY_HEADER,
     judge_concurrent,
@@ -28,9 +30,8 @@ from proxy.audit.inference import (
     judge_replay,
     judge_timeout,
 )
-from proxy.audit.model import VARIANT_FIELD, AuditOptions, AuditReport, ProbeResult, Verdict
-from proxy.audit.report import format_report
-from proxy.config import KEY_MAX_LENGTH
+from proxy.tools.audit.model import VARIANT_FIELD, AuditOptions, AuditReport, ProbeResult, Verdict
+from proxy.tools.audit.report import format_report
 
 
 def variant_body(data: bytes) -> bytes:
@@ -174,7 +175,7 @@ async def run_audit(options: AuditOptions, out: TextIO | None = None) -> AuditRe
             except OutOfRequests as exc:
                 result.verdict, result.happened = Verdict.WARNING, f"not run: {exc}"
     report = AuditReport(
-        target=options.url,
+        target=redact_url(options.url),  # the report gets shared: no credentials in it
         method=options.method,
         key_header=options.key_header,
         probes=results,

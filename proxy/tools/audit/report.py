@@ -10,8 +10,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.audit.inference import _statuses
-from proxy.audit.model import AuditReport, Verdict
+from proxy.tools.audit.inference import count_statuses
+from proxy.tools.audit.model import AuditReport, Verdict
 
 _COLUMNS = (("PROBE", 16), ("VERDICT", 7), ("WHAT HAPPENED", 42), ("A SAFE API WOULD", 29))
 _WIDTH = sum(width for _, width in _COLUMNS) + 2 * (len(_COLUMNS) - 1)
@@ -39,7 +39,7 @@ def format_report(report: AuditReport) -> str:
     if not report.audited:
         attempts = [a for p in report.probes for a in p.attempts]
         errors = sorted({a.error for a in attempts if a.error})
-        answers = _statuses([a for a in attempts if a.status is not None]) or "none"
+        answers = count_statuses([a for a in attempts if a.status is not None]) or "none"
         verdict = (
             "Verdict: COULD NOT AUDIT: no request succeeded, so nothing was tested. "
             f"Answers: {answers}. " + (f"Errors: {'; '.join(errors)}." if errors else "")
