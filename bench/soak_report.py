@@ -268,7 +268,7 @@ def describe_in_flight(
     scope = scope_of([("Authorization", ())])
     wanted = set(in_flight)
     for index, code in enumerate(codes):
-        if code != NOT_RUN and storage_key(NAMESPACE, scope, f"{prefix}-{index}") in wanted:
+        if code != NOT_RUN and storage_key(NAMESPACE, scope, f"{prefix}-{index}").store in wanted:
             executed = "executed" if counts[index] else "never executed"
             out[f"left in flight (lease lapsed): key ended as {CODE_NAMES[code]}, {executed}"] += 1
     return out

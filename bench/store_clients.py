@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from bench import services
 from proxy.store.connection import RedisBatcher, connection_pool
 from proxy.store.redis import BEGIN, COMPLETE, _Script
+from tests.support.proxies import REPO
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until_sync
 
@@ -44,7 +45,7 @@ def handwritten_module() -> types.ModuleType:
     """The old connection module, from git history, as a module of its own."""
     source = subprocess.run(
         ["git", "show", f"{OLD_COMMIT}:proxy/store/connection.py"],
-        cwd=services.REPO, check=True, capture_output=True, text=True,
+        cwd=REPO, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     module = types.ModuleType("handwritten_connection")
     exec(compile(source, "handwritten_connection.py", "exec"), module.__dict__)

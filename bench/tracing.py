@@ -85,13 +85,13 @@ class Results:
         self.samples.setdefault((case, mode), []).append(sample)
 
     def median(self, case: str, mode: str, what: str) -> float:
-        return statistics.median(getattr(s, what) for s in self.samples[(case, mode)])
+        return float(statistics.median(getattr(s, what) for s in self.samples[(case, mode)]))
 
     def ratio(self, case: str, what: str) -> float:
         """The median over rounds of on / off within a round: drift between rounds cancels."""
         off, on = (self.samples[(case, mode)] for mode in MODES)
         pairs = zip(off, on, strict=True)
-        return statistics.median(getattr(b, what) / getattr(a, what) for a, b in pairs)
+        return float(statistics.median(getattr(b, what) / getattr(a, what) for a, b in pairs))
 
 
 def measure(proxies: dict[str, Server], path: str, args: argparse.Namespace, tag: str,

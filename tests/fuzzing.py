@@ -384,7 +384,7 @@ class Fuzzer:
             self.world.call(listener.start())
         self.process, self.storeless = self.world.call(self._start_both())
 
-    async def _start_both(self) -> list[ProxyProcess]:
+    async def _start_both(self) -> tuple[ProxyProcess, ProxyProcess]:
         return await asyncio.gather(self._start(self.redis.url), self._start(self.dead_store_url))
 
     @property

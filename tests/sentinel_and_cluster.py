@@ -23,11 +23,14 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer, redis_binary
@@ -52,8 +55,20 @@ def client(port: int) -> redis.Redis:
     """A plain client of one loopback node, for the test's own checks (no retries)."""
     return redis.Redis(
         port=port, host="127.0.0.1", socket_timeout=2, socket_connect_timeout=2,
-        retry=None,
+        retry=Retry(NoBackoff(), 0),
     )  # fmt: skip
+
+
+def info(c: redis.Redis, section: str) -> dict[str, Any]:
+    """One INFO section of a node, parsed."""
+    reply = c.info(section)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def replica_linked(c: redis.Redis) -> bool:
+    """Whether the replica `c` talks to has its link to its primary up."""
+    return bool(info(c, "replication").get("master_link_status") == "up")
 
 
 # A data node: no persistence (RedisServer's defaults), reachable by replicas and sentinels
@@ -138,7 +153,7 @@ class SentinelGroup:
             if len(ports) != 1 or old_port in ports:
                 return False
             with client(ports.pop()) as c:
-                return c.info("replication")["role"] == "master"
+                return bool(info(c, "replication")["role"] == "master")
 
         wait_until(switched, timeout, "the sentinels to promote a replica")
         return self.master_port()
@@ -184,15 +199,13 @@ def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
         start_all([*group.data, *group.sentinels])
         for replica in group.data[1:]:
             with client(replica.port) as c:
-                wait_until(
-                    lambda c=c: c.info("replication")["master_link_status"] == "up",
-                    _START_TIMEOUT, "the replicas to sync",
-                )  # fmt: skip
+                wait_until(partial(replica_linked, c), _START_TIMEOUT, "the replicas to sync")
         for sentinel in group.sentinels:
             with client(sentinel.port) as c:
 
                 def sees_all(c: redis.Redis = c) -> bool:
                     state = c.sentinel_master(SERVICE)
+                    assert isinstance(state, dict)
                     return bool(
                         state["num-other-sentinels"] == 2
                         and state["num-slaves"] == replicas
@@ -330,9 +343,8 @@ def start_cluster(directory: Path, replicas: int) -> ClusterNodes:
             for node in cluster.nodes[3:]:
                 with client(node.port) as c:
                     wait_until(
-                        lambda c=c: c.info("replication").get("master_link_status") == "up",
-                        _START_TIMEOUT, "the cluster replicas to sync",
-                    )  # fmt: skip
+                        partial(replica_linked, c), _START_TIMEOUT, "the cluster replicas to sync"
+                    )
     except BaseException:
         cluster.stop()
         raise

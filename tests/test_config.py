@@ -18,8 +18,8 @@ from proxy.config import (
     parse_config,
     parse_duration,
     parse_size,
-    redact_url,
 )
+from proxy.masking import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 

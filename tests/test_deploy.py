@@ -298,8 +298,11 @@ def test_dashboard_and_alerts_use_only_exported_metric_names(
 def test_queries_filter_on_real_label_values() -> None:
     """Outcome, operation and kind matchers name values the proxy actually uses."""
     exprs = [*_dashboard_exprs(), *(rule["expr"] for rule in _alert_rules())]
-    allowed = {"outcome": set(metrics.OUTCOMES), "operation": set(metrics.STORE_OPERATIONS),
-               "kind": set(metrics.WOULD_KINDS)}  # fmt: skip
+    allowed: dict[str, set[str]] = {
+        "outcome": set(metrics.OUTCOMES),
+        "operation": set(metrics.STORE_OPERATIONS),
+        "kind": set(metrics.WOULD_KINDS),
+    }
     for expr in exprs:
         for label, value in re.findall(r'\b(outcome|operation|kind)=~?"([^"]*)"', expr):
             assert set(value.split("|")) <= allowed[label], expr

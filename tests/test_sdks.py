@@ -121,7 +121,7 @@ def _gocardless(base: str, timeout: float) -> Surfaced:
 
 
 def _paypal(base: str, timeout: float) -> Surfaced:
-    class Local(paypal_configuration.Configuration):
+    class Local(paypal_configuration.Configuration):  # type: ignore[misc]  # untyped SDK
         """PayPal's SDK takes its base URL from its environment table: point it here."""
 
         environments = {

@@ -131,7 +131,7 @@ def test_keepalive_health_checks_and_no_retries_by_default() -> None:
     assert kwargs["socket_keepalive"] is True
     assert kwargs["health_check_interval"] == DEFAULT_HEALTH_CHECK_INTERVAL
     assert kwargs["socket_connect_timeout"] == 0.5
-    connection = pool.make_connection()
+    connection = pool.make_connection()  # type: ignore[no-untyped-call]
     assert connection.retry.get_retries() == 0
     custom = connection_pool(
         "redis://127.0.0.1:1/0?socket_keepalive=false&health_check_interval=3&socket_timeout=2",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
@@ -101,7 +102,7 @@ async def exchange(proxy: Running, data: bytes, timeout: float = 2.0) -> RawResp
         await connection.close()
 
 
-def request(method: str, path: str, headers: list[tuple[str, str | bytes]],
+def request(method: str, path: str, headers: Sequence[tuple[str, str | bytes]],
             body: bytes = b"") -> bytes:  # fmt: skip
     """A request head and body, byte for byte; str values are latin-1."""
     lines = [f"{method} {path} HTTP/1.1\r\n".encode("latin-1"), b"Host: 127.0.0.1\r\n"]
