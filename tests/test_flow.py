@@ -517,11 +517,12 @@ async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(
         assert problem(meanwhile[2])["type"] == PROBLEM_TYPE_PREFIX + "key-in-use"
         store.gate.set()
         record = storage_key("default", scope_of([("Authorization", ())]), k).store
-        for _ in range(1000):  # until the complete that the gate held has run
+
+        async def completed() -> bool:  # the complete that the gate held has run
             info = await store.inspect(record)
-            if info is not None and info.state == "done":
-                break
-            await asyncio.sleep(0.001)
+            return info is not None and info.state == "done"
+
+        await wait_until(completed, what="the held complete", interval=0.001)
         replayed = await post(client, proxy, "/v1/pay", b"{}", k)
     assert replayed[0] == 201 and replayed[1].get("Idempotent-Replayed") == "true"
     assert replayed[2] == first[2]
