@@ -85,11 +85,12 @@ async def drive(call: Call, requests: int, tasks: int, tag: str) -> float:
     async def worker() -> None:
         for n in counter:
             key = f"idp:bench:{tag}:{n}"
-            reply = await call("EVALSHA", begin.sha, 1, key, "fp", "tok", 10000, 60000, 0)
+            # fingerprint, token, lease, ttl, takeover, tombstone (off)
+            reply = await call("EVALSHA", begin.sha, 1, key, "fp", "tok", 10000, 60000, 0, 0)
             assert reply[0] == 1, reply
             headers = "Content-Type: application/json\r\n"
             done = await call("EVALSHA", complete.sha, 1, key, "tok", 60000, "response", 201,
-                              headers, b'{"id":"ord_123"}')  # fmt: skip
+                              headers, b'{"id":"ord_123"}', 0)  # fmt: skip
             assert done == 1, done
 
     started = time.perf_counter()
