@@ -130,9 +130,10 @@ def measure(make: Callable[[TextIO], LogLine], args: argparse.Namespace, sink: T
             full = await spin(line, args.lines, args.per_iteration)
             best = min(best, full - empty)
         logs.flush()
-        return best / args.lines * 1e6
+        lines: int = args.lines
+        return best / lines * 1e6
 
-    return run(both())
+    return float(run(both()))
 
 
 def run(coro: Any) -> Any:

@@ -6,8 +6,8 @@ an API's (nested objects, arrays of line items, strings, integers and decimals),
 process, with `timeit` on the process's CPU time (`time.process_time`), so that other work
 on the machine inflates the figures less than wall-clock time would. Run:
 
-    .venv/bin/python bench/fingerprint.py            # about 20 s
-    .venv/bin/python bench/fingerprint.py --json out.json
+    .venv/bin/python -m bench.fingerprint            # about 20 s
+    .venv/bin/python -m bench.fingerprint --json out.json
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 import timeit
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.config import FingerprintPolicy
 from proxy.keys import fingerprint_request

@@ -15,16 +15,12 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR))
+from hypothesis import given, seed
 
-from hypothesis import given, seed  # noqa: E402
-
-from tests.fuzz_cases import PROPERTIES  # noqa: E402
-from tests.fuzzing import Fuzzer, fuzz_settings, running_fuzzer  # noqa: E402
+from tests.fuzz_cases import PROPERTIES
+from tests.fuzzing import Fuzzer, fuzz_settings, running_fuzzer
 
 
 @dataclass

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyspy as profiling
-import services
-import wrk
-from services import Server
+from bench import pyspy as profiling
+from bench import services, wrk
+from bench.services import Server
+from tests.support.processes import process_tree
+from tests.support.redis_server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 BODY = '{"amount":100,"currency":"EUR","customer":"cus_bench"}'
@@ -198,7 +199,7 @@ def placement(workers: int, pin: str, threads: int | None, quiet: bool) -> Place
 def set_affinity(root: int, cpus: str | None) -> None:
     """Move a running process tree (every thread) to `cpus`; None means every CPU."""
     mask = {int(c) for c in cpus.split(",")} if cpus else set(range(os.cpu_count() or 1))
-    for pid in services.process_tree(root):
+    for pid in process_tree(root):
         tasks = Path(f"/proc/{pid}/task")
         for tid in os.listdir(tasks) if tasks.exists() else ():
             with contextlib.suppress(OSError):  # the thread may have ended
@@ -294,7 +295,7 @@ class Run:
     args: argparse.Namespace
     tmp: Path
     upstream: Server
-    redis: Server | None
+    redis: RedisServer | None
     proxy_workers_flag: bool
     results: list[Measurement] = field(default_factory=list)
     latency: dict[str, wrk.WrkResult] = field(default_factory=dict)
@@ -311,7 +312,7 @@ class Run:
             return services.start_passthrough(self.tmp, self.upstream, workers, cpus)
         if case.store == "redis":
             assert self.redis is not None
-            services.redis_command(self.redis.port, "FLUSHALL")
+            self.redis.command("FLUSHALL", timeout=5)
             store_url = self.redis.url
         else:
             store_url = "memory://"
@@ -394,7 +395,7 @@ class Run:
                 )
             if case.store == "redis" and self.redis is not None:
                 m.extra["redis_keys"] = int(
-                    services.redis_command(self.redis.port, "DBSIZE").strip().lstrip(b":")
+                    self.redis.command("DBSIZE", timeout=5).strip().lstrip(b":")
                 )
             if hop is not None and not hop.alive():
                 raise RuntimeError(f"{hop.name} died during the run:\n{hop.log_tail()}")
@@ -420,7 +421,7 @@ class Run:
             if hop is not None:
                 hop.stop()
             if case.store == "redis" and self.redis is not None:
-                services.redis_command(self.redis.port, "FLUSHALL")
+                self.redis.command("FLUSHALL", timeout=5)
         return m
 
     def profile(self, case: Case, hop: Server, load: Callable[[float], wrk.WrkResult]) -> None:

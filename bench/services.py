@@ -9,11 +9,9 @@ descendants (nginx and multi-worker proxies fork their workers).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +19,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.ports import free_port
+from tests.support.processes import kill_tree, parent_and_cpu, process_tree
+from tests.support.proxies import REPO, ProxyProcess
+from tests.support.redis_server import RedisServer
+
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 UPSTREAM_BODY = '{"id":"ord_123","status":"created","amount":100,"currency":"EUR"}'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pinned(cpus: str | None, argv: list[str]) -> list[str]:
@@ -41,37 +37,11 @@ def pinned(cpus: str | None, argv: list[str]) -> list[str]:
 # --- CPU accounting ---------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, utime + stime in ticks) of `pid`, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # the name may contain spaces
-    return int(fields[1]), int(fields[11]) + int(fields[12])
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every descendant of it."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _stat(int(entry))
-            if stat is not None:
-                parents.setdefault(stat[0], []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(parents.get(pid, ()))
-    return tree
-
-
 def cpu_ticks(root: int) -> dict[int, int]:
     """CPU ticks used so far by each process of `root`'s tree."""
     ticks = {}
     for pid in process_tree(root):
-        stat = _stat(pid)
+        stat = parent_and_cpu(pid)
         if stat is not None:
             ticks[pid] = stat[1]
     return ticks
@@ -137,9 +107,7 @@ class Server:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            for pid in reversed(process_tree(self.pid)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_tree(self.pid)
             self.process.wait()
 
 
@@ -278,7 +246,7 @@ def proxy_supports_workers() -> bool:
     """Whether `idempotency-proxy run` has a `--workers` option yet."""
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "run", "--help"],
-        cwd=REPO_DIR,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=30,
@@ -317,71 +285,34 @@ def start_proxy(
     cpus: str | None,
     log_level: str,
     pass_workers: bool,
+    extra_config: str = "",
 ) -> Server:
+    """The bench's proxy (`proxy_config`, with `extra_config` YAML appended) as a process."""
     port, admin_port = free_port(), free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level))
-    log = tmp / f"{name}.log"  # the proxy's JSON log lines (stderr) land here
-    argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
-    if pass_workers:
-        argv += ["--workers", str(workers)]
-    env = {**os.environ}
-    for var in [v for v in env if v.startswith("IDEMPOTENCY_PROXY_")]:
-        del env[var]  # the bench config is the whole truth
-    process = _spawn(name, pinned(cpus, argv), log, cwd=REPO_DIR, env=env)
+    config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level) + extra_config)
+    # The proxy's JSON log lines (stderr) land in its log; the bench config is the whole
+    # truth (the caller's IDEMPOTENCY_PROXY_* variables are left out).
+    proxy = ProxyProcess(
+        config,
+        tmp / f"{name}.log",
+        args=("--workers", str(workers)) if pass_workers else (),
+        argv_prefix=pinned(cpus, []),
+    )
+    proxy.spawn()
+    assert proxy.process is not None
     server = Server(
-        name, port, process, log, url=f"http://127.0.0.1:{port}", extra={"config": str(config)}
+        name, port, proxy.process, proxy.log_path, url=proxy.url, extra={"config": str(config)}
     )
     wait_http(server, "/open/ready", method="POST")
     return server
 
 
-def start_redis(tmp: Path, cpus: str | None, *extra: str, name: str = "redis") -> Server:
+def start_redis(tmp: Path, cpus: str | None, *extra: str, name: str = "redis") -> RedisServer:
     """A redis-server of the run's own: no persistence, on a free port (`extra` arguments
     such as `--replicaof 127.0.0.1 PORT` appended)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
-    port = free_port()
-    directory = tmp / name
-    directory.mkdir(exist_ok=True)
-    log = tmp / f"{name}.log"
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(directory),
-        "--loglevel",
-        "warning",
-        *extra,
-    ]
-    server = Server(
-        name,
-        port,
-        _spawn("redis", pinned(cpus, argv), log),
-        log,
-        url=f"redis://127.0.0.1:{port}/0",
+    server = RedisServer(
+        tmp / name, extra_args=extra, argv_prefix=pinned(cpus, []), log=tmp / f"{name}.log"
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if redis_command(port, "PING").startswith(b"+PONG"):
-                return server
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not start on port {port}:\n{server.log_tail()}")
-
-
-def redis_command(port: int, *args: str) -> bytes:
-    """One inline command to the run's own redis-server (FLUSHALL, INFO, ...)."""
-    assert port != 6379, "never touch the shared redis-server"
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall((" ".join(args) + "\r\n").encode())
-        return sock.recv(1 << 20)
+    server.start()
+    return server

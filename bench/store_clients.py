@@ -1,6 +1,6 @@
 """Client CPU per request of the ways the store could talk to Redis.
 
-    .venv/bin/python bench/store_clients.py [--requests 20000] [--tasks 50]
+    .venv/bin/python -m bench.store_clients [--requests 20000] [--tasks 50]
 
 One process, 50 tasks, each request a begin then a complete (two EVALSHAs of the store's own
 scripts), against a redis-server of the run's own. Reported per request: the client's CPU
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import subprocess
-import sys
 import tempfile
 import time
 import types
@@ -31,13 +30,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import services
-
+from bench import services
 from proxy.store.connection import RedisBatcher, connection_pool
 from proxy.store.redis import BEGIN, COMPLETE, _Script
+from tests.support.proxies import REPO
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until_sync
 
 OLD_COMMIT = "e787d50"
 Call = Callable[..., Awaitable[Any]]
@@ -47,7 +45,7 @@ def handwritten_module() -> types.ModuleType:
     """The old connection module, from git history, as a module of its own."""
     source = subprocess.run(
         ["git", "show", f"{OLD_COMMIT}:proxy/store/connection.py"],
-        cwd=services.REPO_DIR, check=True, capture_output=True, text=True,
+        cwd=REPO, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     module = types.ModuleType("handwritten_connection")
     exec(compile(source, "handwritten_connection.py", "exec"), module.__dict__)
@@ -87,11 +85,12 @@ async def drive(call: Call, requests: int, tasks: int, tag: str) -> float:
     async def worker() -> None:
         for n in counter:
             key = f"idp:bench:{tag}:{n}"
-            reply = await call("EVALSHA", begin.sha, 1, key, "fp", "tok", 10000, 60000, 0)
+            # fingerprint, token, lease, ttl, takeover, tombstone (off)
+            reply = await call("EVALSHA", begin.sha, 1, key, "fp", "tok", 10000, 60000, 0, 0)
             assert reply[0] == 1, reply
             headers = "Content-Type: application/json\r\n"
             done = await call("EVALSHA", complete.sha, 1, key, "tok", 60000, "response", 201,
-                              headers, b'{"id":"ord_123"}')  # fmt: skip
+                              headers, b'{"id":"ord_123"}', 0)  # fmt: skip
             assert done == 1, done
 
     started = time.perf_counter()
@@ -100,7 +99,7 @@ async def drive(call: Call, requests: int, tasks: int, tag: str) -> float:
 
 
 async def measure(
-    name: str, make: Callable[[], Any], server: services.Server, args: argparse.Namespace
+    name: str, make: Callable[[], Any], server: RedisServer, args: argparse.Namespace
 ) -> None:
     client, call, close = make()
     await drive(call, 2000, args.tasks, f"{name}-warm")  # connect, warm caches
@@ -145,13 +144,11 @@ def contenders(primary: str, replicated: str) -> dict[str, Callable[[], Any]]:
     }
 
 
-def wait_for_replica(replica: services.Server) -> None:
-    deadline = time.monotonic() + 10
-    while b"master_link_status:up" not in services.redis_command(
-        replica.port, "INFO", "replication"
-    ):
-        assert time.monotonic() < deadline, "the replica did not connect"
-        time.sleep(0.05)
+def wait_for_replica(replica: RedisServer) -> None:
+    wait_until_sync(
+        lambda: b"master_link_status:up" in replica.command("INFO", "replication"),
+        10, "the replica to connect", 0.05,
+    )  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -170,8 +167,8 @@ async def main(args: argparse.Namespace) -> None:
             for name in args.only or list(makers):
                 await measure(name, makers[name], primary, args)
         finally:
-            replica.stop()
-            primary.stop()
+            replica.kill()
+            primary.kill()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ retry that turns a record into its tombstone). Measured:
 
 It starts its own redis-server on a free loopback port (never the one on 6379). Run:
 
-    .venv/bin/python bench/tombstones.py             # N = 10000, a few seconds
+    .venv/bin/python -m bench.tombstones             # N = 10000, a few seconds
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.services import redis_command, start_redis
+from bench.services import start_redis
 from proxy.keys import storage_key
 from proxy.store.base import Acquired, Expired, Outcome, Store, StoredResponse
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
+from tests.support.redis_server import RedisServer
 
 TTL, TOMBSTONE = 0.2, 3600.0
 
@@ -66,15 +65,15 @@ async def retry(store: Store, records: list[tuple[str, str]]) -> None:
         assert decision == Expired("response", 201), decision
 
 
-def used_memory(port: int) -> int:
-    info = redis_command(port, "INFO", "memory").decode()
+def used_memory(server: RedisServer) -> int:
+    info = server.command("INFO", "memory").decode()
     match = re.search(r"^used_memory:(\d+)", info, re.M)
     assert match
     return int(match.group(1))
 
 
-def usage(port: int, record: str) -> int:
-    return int(redis_command(port, "MEMORY", "USAGE", record, "SAMPLES", "0")[1:].strip())
+def usage(server: RedisServer, record: str) -> int:
+    return int(server.command("MEMORY", "USAGE", record, "SAMPLES", "0")[1:].strip())
 
 
 async def measure_redis(count: int) -> None:
@@ -84,25 +83,25 @@ async def measure_redis(count: int) -> None:
             store = RedisStore(server.url, timeout=5)
             untouched, touched = keys(1, "untouched"), keys(count, "touched")
             await execute(store, untouched)
-            live = usage(server.port, untouched[0][0])
-            before = used_memory(server.port)
+            live = usage(server, untouched[0][0])
+            before = used_memory(server)
             await execute(store, touched)
             await asyncio.sleep(TTL + 0.05)
             await retry(store, touched)
-            after = used_memory(server.port)
-            info = redis_command(server.port, "INFO", "server").decode()
+            after = used_memory(server)
+            info = server.command("INFO", "server").decode()
             version = re.search(r"^redis_version:(\S+)", info, re.M)
             print(f"Redis {version.group(1) if version else '?'}:")
             print(f"  record with its response (1 KiB body): {live} bytes (MEMORY USAGE)")
             print(f"  tombstone, untouched since its response expired: "
-                  f"{usage(server.port, untouched[0][0])} bytes")  # fmt: skip
+                  f"{usage(server, untouched[0][0])} bytes")  # fmt: skip
             print(f"  tombstone after a retry (headers, body deleted): "
-                  f"{usage(server.port, touched[0][0])} bytes (MEMORY USAGE)")  # fmt: skip
+                  f"{usage(server, touched[0][0])} bytes (MEMORY USAGE)")  # fmt: skip
             print(f"  used_memory over {count} such tombstones: {(after - before) / count:.0f} "
                   "bytes each")  # fmt: skip
             await store.close()
         finally:
-            server.stop()
+            server.kill()
 
 
 async def measure_memory(count: int) -> None:

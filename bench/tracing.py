@@ -16,8 +16,8 @@ Then, in this process, the hooks themselves are timed on their unsampled path ag
 calls they wrap (the middleware, a store call, an upstream call): CPU that does not depend on
 what else the machine runs, added up per protected first attempt.
 
-    .venv/bin/python bench/tracing.py         # 7 paired rounds of 5 s per case (~2 minutes)
-    .venv/bin/python bench/tracing.py --method alternate --rounds 5 --cases first --json out.json
+    .venv/bin/python -m bench.tracing         # 7 paired rounds of 5 s per case (~2 minutes)
+    .venv/bin/python -m bench.tracing --method alternate --rounds 5 --cases first --json out.json
 
 It needs wrk and nginx (bench/run installs them) and the otel extra in the Python running it.
 """
@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,18 +38,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import services
-import wrk
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
-from services import BENCH_DIR, REPO_DIR, Server
 from yarl import URL
 
+from bench import services, wrk
+from bench.services import BENCH_DIR, Server
 from proxy.config import TracingConfig
 from proxy.store.base import Acquired, Decision, Outcome, StoredResponse
 from proxy.tracing import TracedUpstream, Tracing
 from proxy.upstream import Answer, UpstreamClient
+from tests.support.ports import free_port
 
 TARGET = 0.03  # at most 3 % lower throughput with tracing on at sampling 0
 CASES = {
@@ -63,24 +62,12 @@ MODES = ("off", "on-0")
 def start(tmp: Path, mode: str, upstream: Server, cpus: str | None, log_level: str,
           traced: bool) -> Server:  # fmt: skip
     """One proxy process; `traced` adds a tracing block that samples nothing."""
-    port, admin_port = services.free_port(), services.free_port()
-    config = services.proxy_config(port, admin_port, upstream, "memory://", log_level)
+    block = ""
     if traced:
-        sink = services.free_port()  # nothing listens there: at sampling 0 nothing is sent
-        config += f"tracing: {{endpoint: 'http://127.0.0.1:{sink}', sample_ratio: 0}}\n"
-    path = tmp / f"proxy-{mode}.yaml"
-    path.write_text(config)
-    log = tmp / f"proxy-{mode}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IDEMPOTENCY_PROXY_", "OTEL_"))}
-    argv = [sys.executable, "-m", "proxy", "run", "--config", str(path)]
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            services.pinned(cpus, argv), stdout=out, stderr=subprocess.STDOUT, cwd=REPO_DIR,
-            env=env, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    server = Server(f"proxy-{mode}", port, process, log, url=f"http://127.0.0.1:{port}")
-    services.wait_http(server, "/open/ready", method="POST")
-    return server
+        sink = free_port()  # nothing listens there: at sampling 0 nothing is sent
+        block = f"tracing: {{endpoint: 'http://127.0.0.1:{sink}', sample_ratio: 0}}\n"
+    return services.start_proxy(tmp, f"proxy-{mode}", upstream, "memory://", 1, cpus,
+                                log_level, pass_workers=False, extra_config=block)  # fmt: skip
 
 
 @dataclass
@@ -98,13 +85,13 @@ class Results:
         self.samples.setdefault((case, mode), []).append(sample)
 
     def median(self, case: str, mode: str, what: str) -> float:
-        return statistics.median(getattr(s, what) for s in self.samples[(case, mode)])
+        return float(statistics.median(getattr(s, what) for s in self.samples[(case, mode)]))
 
     def ratio(self, case: str, what: str) -> float:
         """The median over rounds of on / off within a round: drift between rounds cancels."""
         off, on = (self.samples[(case, mode)] for mode in MODES)
         pairs = zip(off, on, strict=True)
-        return statistics.median(getattr(b, what) / getattr(a, what) for a, b in pairs)
+        return float(statistics.median(getattr(b, what) / getattr(a, what) for a, b in pairs))
 
 
 def measure(proxies: dict[str, Server], path: str, args: argparse.Namespace, tag: str,
@@ -213,7 +200,7 @@ async def _added(bare: Any, wrapped: Any, calls: int, passes: int = 7) -> float:
 
 async def hook_costs(calls: int = 50_000) -> dict[str, float]:
     """What each hook adds on an unsampled request, in CPU us: wrapped minus bare."""
-    config = TracingConfig(f"http://127.0.0.1:{services.free_port()}/v1/traces", sample_ratio=0)
+    config = TracingConfig(f"http://127.0.0.1:{free_port()}/v1/traces", sample_ratio=0)
     tracing = Tracing(config)
     request = make_mocked_request("POST", "/pay/orders", headers={"Idempotency-Key": "k"})
 
@@ -249,7 +236,9 @@ async def hook_costs(calls: int = 50_000) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/tracing.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tracing", description=__doc__.split("\n")[0]
+    )
     parser.add_argument(
         "--method",
         choices=("paired", "alternate"),

@@ -35,12 +35,10 @@ import uvloop
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import services
-
+from bench import services
 from proxy.store.redis import _PUBLISH, COMPLETE, _Script
+from tests.support.ports import free_port
+from tests.support.proxies import REPO
 
 BEGINS = "idempotency_proxy_store_operation_duration_seconds_count"
 # Microseconds that 100000 calls take inside one script, by Redis's own clock.
@@ -90,7 +88,7 @@ def serve_gate(port: int) -> None:
 
 
 def start_gate(tmp: Path) -> services.Server:
-    port = services.free_port()
+    port = free_port()
     argv = [sys.executable, __file__, "--upstream-port", str(port)]
     process = services._spawn("upstream", argv, tmp / "upstream.log")
     server = services.Server("upstream", port, process, tmp / "upstream.log",
@@ -115,12 +113,12 @@ routes:
 
 
 async def start_proxy(tmp: Path, name: str, upstream: str, store_url: str) -> services.Server:
-    port, admin_port = services.free_port(), services.free_port()
+    port, admin_port = free_port(), free_port()
     config = tmp / f"{name}.yaml"
     config.write_text(proxy_config(port, admin_port, upstream, store_url))
     argv = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPOTENCY_PROXY_")}
-    process = services._spawn(name, argv, tmp / f"{name}.log", cwd=services.REPO_DIR, env=env)
+    process = services._spawn(name, argv, tmp / f"{name}.log", cwd=REPO, env=env)
     server = services.Server(name, port, process, tmp / f"{name}.log",
                              url=f"http://127.0.0.1:{port}",
                              extra={"admin": f"http://127.0.0.1:{admin_port}"})  # fmt: skip
@@ -195,14 +193,16 @@ async def latency(tmp: Path, keys: int, rounds: int) -> None:
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for _ in range(rounds):
-                spread, made = await one_round(session, gate.url, *proxies, store, keys)
+                spread, made = await one_round(session, gate.url, proxies[0], proxies[1],
+                                               store, keys)  # fmt: skip
                 delays += spread
                 medians.append(statistics.median(spread))
                 per_waiter.append(made)
     finally:
         await store.aclose()
-        for server in (*proxies, gate, redis_server):
+        for server in (*proxies, gate):
             server.stop()
+        redis_server.stop()
     delays.sort()
     ms = [d * 1000 for d in delays]
     print(f"waiters on another proxy, {keys} keys at once, {rounds} rounds ({len(ms)} waiters):")

@@ -36,6 +36,10 @@ from proxy.store import Store
 _UNWIND = 0.1
 
 
+class ListenError(Exception):
+    """A listener could not be opened (the port is taken, the address is not this host's)."""
+
+
 def bind(address: tuple[str, int], reuse_port: bool = False) -> socket.socket:
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -43,7 +47,11 @@ def bind(address: tuple[str, int], reuse_port: bool = False) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.setblocking(False)
     return sock
 
@@ -198,7 +206,11 @@ def serve_config(path: str, reuse_port: bool = False) -> int:
         return refuse(path, exc.problems)
     logs.configure(config.log_level)
     _install_uvloop()
-    asyncio.run(run(config, path, reuse_port=reuse_port))
+    try:
+        asyncio.run(run(config, path, reuse_port=reuse_port))
+    except ListenError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

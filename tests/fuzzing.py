@@ -37,7 +37,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,8 +46,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.internal.conjecture import engine
 
-from tests.conftest import RedisServer, free_port
-from tests.proxy_process import ProxyProcess, start_process, stop_process
+from tests.support.ports import free_port
+from tests.support.proxies import ProxyProcess, start_process
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until_sync
 
 T = TypeVar("T")
 
@@ -382,7 +384,7 @@ class Fuzzer:
             self.world.call(listener.start())
         self.process, self.storeless = self.world.call(self._start_both())
 
-    async def _start_both(self) -> list[ProxyProcess]:
+    async def _start_both(self) -> tuple[ProxyProcess, ProxyProcess]:
         return await asyncio.gather(self._start(self.redis.url), self._start(self.dead_store_url))
 
     @property
@@ -409,7 +411,7 @@ class Fuzzer:
     def storeless_port(self) -> int:
         """The port of the proxy whose store is down (restarted if a case killed it)."""
         assert self.storeless is not None
-        if self.storeless.process.poll() is not None:
+        if not self.storeless.alive():
             self.restarts += 1
             self.storeless = self.world.call(self._start(self.dead_store_url))
         return _port(self.storeless.url)
@@ -417,7 +419,7 @@ class Fuzzer:
     def stop(self) -> None:
         for process in (self.process, self.storeless):
             if process is not None:
-                self.world.call(stop_process(process))
+                self.world.call(process.close())
         for listener in (self.upstream, *self.canaries.values()):
             self.world.call(listener.stop())
 
@@ -446,7 +448,7 @@ class Fuzzer:
         """A fresh store and a live proxy for the next case (a case that killed the proxy
         has failed already; the next starts from a new process)."""
         assert self.process is not None
-        if self.process.process.poll() is not None:
+        if not self.process.alive():
             self.restarts += 1
             self.process = self.world.call(self._start(self.redis.url))
         reply = self.redis.command("FLUSHALL")
@@ -509,9 +511,9 @@ class Fuzzer:
         """The checks after every case: nothing reached a canary, the upstream saw only
         origin-form targets, no key is left locked, and the proxy still serves."""
         self.reached_only_the_upstream(before)
-        wait_until(lambda: self.records()["in_flight"] == 0, SETTLE_TIMEOUT,
-                   lambda: f"a key is left locked: {self.records()}")  # fmt: skip
-        assert self.process is not None and self.process.process.poll() is None, "proxy died"
+        wait_until_sync(lambda: self.records()["in_flight"] == 0, SETTLE_TIMEOUT,
+                        lambda: f"a key is left locked: {self.records()}", 0.01)  # fmt: skip
+        assert self.process is not None and self.process.alive(), "proxy died"
         assert self.normal_request() == 201, "a normal request failed after the case"
 
     def reached_only_the_upstream(self, before: Snapshot) -> None:
@@ -550,19 +552,12 @@ class Snapshot:
     canaries: dict[str, int] = field(default_factory=dict)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, message: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message()
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
 def running_fuzzer() -> Iterator[Fuzzer]:
     """A started `Fuzzer` with its own redis-server, world thread and temp directory."""
     world = World()
     directory = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    redis = RedisServer(free_port(), str(directory), password=STORE_SECRET)
+    redis = RedisServer(directory / "redis", password=STORE_SECRET)
     fuzzer = Fuzzer(world, directory, redis)
     try:
         redis.start()
@@ -572,6 +567,6 @@ def running_fuzzer() -> Iterator[Fuzzer]:
         try:
             fuzzer.stop()
         finally:
-            redis.stop()
+            redis.kill()
             world.close()
             shutil.rmtree(directory, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,16 +19,20 @@ from pathlib import Path
 import hiredis
 import pytest
 
-from tests.conftest import RedisServer, free_port
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until_sync
 
 
+@dataclass
 class RedisNode(RedisServer):
     """A redis-server on a free plain port, with `extra_args` on its command line."""
 
+    tls_port: int = 0  # a TLS port next to the plain one, when `tls_node` made it
+
     @classmethod
-    def make(cls, directory: Path, args: list[str] | None = None) -> RedisNode:
-        directory.mkdir(parents=True, exist_ok=True)
-        return cls(free_port(), str(directory), extra_args=args or [])
+    def make(cls, directory: Path, args: list[str] | None = None, tls_port: int = 0) -> RedisNode:
+        return cls(directory, extra_args=args or [], tls_port=tls_port)
 
     def started(self) -> RedisNode:
         self.start()
@@ -43,22 +46,13 @@ class RedisNode(RedisServer):
         return reply
 
 
-def wait_until(check: object, timeout: float = 5.0) -> None:
-    """Poll `check()` (a callable) until it is true, or fail after `timeout` seconds."""
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def redis_nodes(tmp_path: Path) -> Iterator[list[RedisNode]]:
     """Collects the nodes a test starts, and stops them all at its end."""
     nodes: list[RedisNode] = []
     yield nodes
     for node in nodes:
-        node.stop()
+        node.kill()
 
 
 @pytest.fixture
@@ -72,7 +66,7 @@ def primary_and_replica(
     replica = RedisNode.make(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port),
                                                     "--repl-diskless-sync-delay", "0"])  # fmt: skip
     redis_nodes.append(replica.started())
-    wait_until(lambda: b"master_link_status:up" in replica.command("INFO", "replication"))
+    wait_until_sync(lambda: b"master_link_status:up" in replica.command("INFO", "replication"))
     replicating(primary)
     return primary, replica
 
@@ -81,7 +75,7 @@ def replicating(primary: RedisNode) -> None:
     """Wait until a replica acknowledges `primary`'s writes (a fresh replica may take up to
     a second to send its first acknowledgement, which WAIT needs)."""
     primary.command("SET", "warm-up", "1")
-    wait_until(lambda: primary.command("WAIT", "1", "100").startswith(b":1"))
+    wait_until_sync(lambda: primary.command("WAIT", "1", "100").startswith(b":1"))
     primary.command("DEL", "warm-up")
 
 
@@ -135,15 +129,13 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 def tls_node(directory: Path, certs: Certificates, *, server: str = "server",
              clients_need_certs: bool = False) -> RedisNode:  # fmt: skip
-    """A node with a TLS port (in `node.tls_port`) next to its plain one."""
+    """A node with a TLS port (`node.tls_port`) next to its plain one."""
     tls_port = free_port()
-    node = RedisNode.make(directory, [
+    return RedisNode.make(directory, [
         "--tls-port", str(tls_port), "--tls-cert-file", certs.path(f"{server}.crt"),
         "--tls-key-file", certs.path(f"{server}.key"), "--tls-ca-cert-file", certs.path("ca.crt"),
         "--tls-auth-clients", "yes" if clients_need_certs else "no",
-    ])  # fmt: skip
-    node.tls_port = tls_port  # type: ignore[attr-defined]
-    return node
+    ], tls_port=tls_port)  # fmt: skip
 
 
 # --- a relay that forwards commands and loses their replies ---------------------------

@@ -18,21 +18,23 @@ takes a group or cluster of its own (`new_sentinel_group`, `new_cluster`).
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer, redis_binary
+from tests.support.waiting import wait_until_sync
 
 SERVICE = "mymaster"
 _START_TIMEOUT = 15.0
@@ -43,71 +45,67 @@ FAILOVER_TIMEOUT_MS = 3000
 CLUSTER_NODE_TIMEOUT_MS = 600
 
 
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (scripts/bootstrap installs it)"
-    return path
-
-
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `check` (a cheap query of a server the test owns) until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with suppress(redis.RedisError, OSError):
-            if check():
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
+    """Poll `check` (a cheap query of a server the test owns) until it holds; a node that
+    is still starting or failing over may refuse the query meanwhile."""
+    wait_until_sync(check, timeout, what, interval=0.05, ignore=(redis.RedisError, OSError))
 
 
 def client(port: int) -> redis.Redis:
     """A plain client of one loopback node, for the test's own checks (no retries)."""
     return redis.Redis(
         port=port, host="127.0.0.1", socket_timeout=2, socket_connect_timeout=2,
-        retry=None,
+        retry=Retry(NoBackoff(), 0),
     )  # fmt: skip
 
 
+def info(c: redis.Redis, section: str) -> dict[str, Any]:
+    """One INFO section of a node, parsed."""
+    reply = c.info(section)
+    assert isinstance(reply, dict)
+    return reply
+
+
+def replica_linked(c: redis.Redis) -> bool:
+    """Whether the replica `c` talks to has its link to its primary up."""
+    return bool(info(c, "replication").get("master_link_status") == "up")
+
+
+# A data node: no persistence (RedisServer's defaults), reachable by replicas and sentinels
+# without a password, and full syncs that start at once (the default waits 5 s for more
+# replicas to join).
+DATA_NODE = ("protected-mode no", "repl-diskless-sync-delay 0")
+
+
+def data_node(directory: Path, *config: str, port: int = 0) -> RedisServer:
+    return RedisServer(directory, port=port or free_port(), config=[*DATA_NODE, *config])
+
+
 @dataclass
-class Node:
-    """One redis-server process (data node or sentinel) on a loopback port."""
+class Sentinel(RedisServer):
+    """A redis-server in sentinel mode: its config is sentinel.conf lines (`config`), which
+    the sentinel rewrites as it learns the group."""
 
-    port: int
-    directory: Path
-    args: list[str]
-    process: subprocess.Popen[bytes] | None = None
+    def config_lines(self) -> list[str]:
+        return [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            "protected-mode no",
+            f'dir "{self.directory}"',
+            *self.config,
+        ]
 
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [_binary("redis-server"), *self.args], cwd=self.directory,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def wait_ready(self) -> None:
-        with client(self.port) as c:
-            wait_until(lambda: bool(c.ping()), _START_TIMEOUT, f"redis-server on {self.port}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no last words to replicas or sentinels."""
-        if self.process is not None:
-            with suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--sentinel"]
 
 
-def _data_node_args(port: int, *extra: str) -> list[str]:
-    return [
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--loglevel", "warning", "--protected-mode", "no",
-        # Full syncs start at once (the default waits 5 s for more replicas to join).
-        "--repl-diskless-sync-delay", "0", *extra,
-    ]  # fmt: skip
+def start_all(nodes: Sequence[RedisServer]) -> None:
+    """Spawn every node at once, then wait until each answers (a cluster or group starts
+    in the time of its slowest node, not of all of them in turn)."""
+    for node in nodes:
+        node.spawn()
+    for node in nodes:
+        wait_until(node.ping, _START_TIMEOUT, f"redis-server on {node.port}")
 
 
 # --- Sentinel -------------------------------------------------------------------------
@@ -118,8 +116,8 @@ class SentinelGroup:
     """A primary, its replicas and three sentinels watching them as `SERVICE`."""
 
     directory: Path
-    data: list[Node] = field(default_factory=list)  # [first primary, *first replicas]
-    sentinels: list[Node] = field(default_factory=list)
+    data: list[RedisServer] = field(default_factory=list)  # [first primary, *first replicas]
+    sentinels: list[Sentinel] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -129,13 +127,13 @@ class SentinelGroup:
     def master_port(self) -> int:
         """The primary as the sentinels report it now."""
         for sentinel in self.sentinels:
-            if sentinel.alive:
+            if sentinel.alive():
                 with client(sentinel.port) as c:
                     _, port = c.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE)
                     return int(port)
         raise RuntimeError("no sentinel is running")
 
-    def master(self) -> Node:
+    def master(self) -> RedisServer:
         port = self.master_port()
         return next(node for node in self.data if node.port == port)
 
@@ -155,7 +153,7 @@ class SentinelGroup:
             if len(ports) != 1 or old_port in ports:
                 return False
             with client(ports.pop()) as c:
-                return c.info("replication")["role"] == "master"
+                return bool(info(c, "replication")["role"] == "master")
 
         wait_until(switched, timeout, "the sentinels to promote a replica")
         return self.master_port()
@@ -165,13 +163,11 @@ class SentinelGroup:
             node.kill()
 
 
-def _sentinel_config(group: SentinelGroup, index: int, ids: list[str]) -> str:
+def _sentinel_config(
+    group: SentinelGroup, ports: list[int], index: int, ids: list[str]
+) -> list[str]:
     primary, *replicas = group.data
     lines = [
-        f"port {group.sentinels[index].port}",
-        "bind 127.0.0.1",
-        "protected-mode no",
-        f'dir "{group.sentinels[index].directory}"',
         f"sentinel myid {ids[index]}",
         f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
         f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
@@ -180,49 +176,36 @@ def _sentinel_config(group: SentinelGroup, index: int, ids: list[str]) -> str:
     ]
     # Known up front, so that a failover does not wait for discovery.
     lines += [f"sentinel known-replica {SERVICE} 127.0.0.1 {r.port}" for r in replicas]
-    for other, sentinel in enumerate(group.sentinels):
+    for other, port in enumerate(ports):
         if other != index:
-            lines.append(
-                f"sentinel known-sentinel {SERVICE} 127.0.0.1 {sentinel.port} {ids[other]}"
-            )
-    return "\n".join(lines) + "\n"
+            lines.append(f"sentinel known-sentinel {SERVICE} 127.0.0.1 {port} {ids[other]}")
+    return lines
 
 
 def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
     """Start the group and wait until the replicas are in sync and the sentinels see it all."""
     group = SentinelGroup(directory)
-    primary_port = free_port()
-    group.data = [Node(primary_port, directory / "primary", _data_node_args(primary_port))]
+    primary = data_node(directory / "primary")
+    group.data = [primary]
     for index in range(replicas):
-        port = free_port()
-        args = _data_node_args(port, "--replicaof", "127.0.0.1", str(primary_port))
-        group.data.append(Node(port, directory / f"replica{index}", args))
+        replicaof = f"replicaof 127.0.0.1 {primary.port}"
+        group.data.append(data_node(directory / f"replica{index}", replicaof))
     ids = [os.urandom(20).hex() for _ in range(3)]
-    for index in range(3):
-        port = free_port()
-        group.sentinels.append(Node(port, directory / f"sentinel{index}", []))
+    ports = [free_port() for _ in range(3)]
+    for index, port in enumerate(ports):
+        config = _sentinel_config(group, ports, index, ids)
+        group.sentinels.append(Sentinel(directory / f"sentinel{index}", port, config))
     try:
-        for node in group.data:
-            node.start()
-        for index, sentinel in enumerate(group.sentinels):
-            sentinel.directory.mkdir(parents=True)
-            conf = sentinel.directory / "sentinel.conf"
-            conf.write_text(_sentinel_config(group, index, ids))
-            sentinel.args = [str(conf), "--sentinel"]
-            sentinel.start()
-        for node in [*group.data, *group.sentinels]:
-            node.wait_ready()
+        start_all([*group.data, *group.sentinels])
         for replica in group.data[1:]:
             with client(replica.port) as c:
-                wait_until(
-                    lambda c=c: c.info("replication")["master_link_status"] == "up",
-                    _START_TIMEOUT, "the replicas to sync",
-                )  # fmt: skip
+                wait_until(partial(replica_linked, c), _START_TIMEOUT, "the replicas to sync")
         for sentinel in group.sentinels:
             with client(sentinel.port) as c:
 
                 def sees_all(c: redis.Redis = c) -> bool:
                     state = c.sentinel_master(SERVICE)
+                    assert isinstance(state, dict)
                     return bool(
                         state["num-other-sentinels"] == 2
                         and state["num-slaves"] == replicas
@@ -281,20 +264,20 @@ class ClusterNodes:
     """A Cluster of three masters, each with `replicas` replicas."""
 
     directory: Path
-    nodes: list[Node] = field(default_factory=list)
+    nodes: list[RedisServer] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
         return f"redis+cluster://{hosts}"
 
-    def node(self, port: int) -> Node:
+    def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)
 
     def masters(self) -> list[int]:
         """Ports of the masters that own slots, as a live node reports them."""
         for node in self.nodes:
-            if node.alive:
+            if node.alive():
                 with client(node.port) as c:
                     return sorted(int(entry[2][1]) for entry in c.execute_command("CLUSTER SLOTS"))
         raise RuntimeError("no cluster node is running")
@@ -302,7 +285,7 @@ class ClusterNodes:
     def owner(self, slot: int) -> int:
         """The port of the master serving `slot`, as a live node reports it."""
         for node in self.nodes:
-            if node.alive:
+            if node.alive():
                 with client(node.port) as c:
                     for start, end, master, *_ in c.execute_command("CLUSTER SLOTS"):
                         if start <= slot <= end:
@@ -320,13 +303,13 @@ class ClusterNodes:
         def ok() -> bool:
             views = set()
             for node in self.nodes:
-                if node.alive:
+                if node.alive():
                     with client(node.port) as c:
                         if c.execute_command("CLUSTER INFO")["cluster_state"] != "ok":
                             return False
                         slots = c.execute_command("CLUSTER SLOTS")
                         views.add(tuple(sorted(int(entry[2][1]) for entry in slots)))
-            return len(views) == 1 and all(self.node(p).alive for p in views.pop())
+            return len(views) == 1 and all(self.node(p).alive() for p in views.pop())
 
         wait_until(ok, timeout, "cluster_state:ok on every node")
 
@@ -339,22 +322,18 @@ def start_cluster(directory: Path, replicas: int) -> ClusterNodes:
     """Start 3 masters (and `replicas` replicas each), create the Cluster, wait for ok."""
     cluster = ClusterNodes(directory)
     for index in range(3 * (1 + replicas)):
-        port, bus = free_port(), free_port()
-        args = _data_node_args(
-            port, "--cluster-enabled", "yes", "--cluster-port", str(bus),
-            "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+        cluster.nodes.append(data_node(
+            directory / f"node{index}",
+            "cluster-enabled yes", f"cluster-port {free_port()}",
+            "cluster-config-file nodes.conf",
+            f"cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS}",
             # A replica takes over as soon as it may, however long its link was down.
-            "--cluster-replica-validity-factor", "0",
-        )  # fmt: skip
-        cluster.nodes.append(Node(port, directory / f"node{index}", args))
+            "cluster-replica-validity-factor 0",
+        ))  # fmt: skip
     try:
-        for node in cluster.nodes:
-            node.start()
-        for node in cluster.nodes:
-            node.wait_ready()
+        start_all(cluster.nodes)
         subprocess.run(
-            [_binary("redis-cli"), "--cluster", "create",
+            [redis_binary("redis-cli"), "--cluster", "create",
              *(f"127.0.0.1:{n.port}" for n in cluster.nodes),
              "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
@@ -364,9 +343,8 @@ def start_cluster(directory: Path, replicas: int) -> ClusterNodes:
             for node in cluster.nodes[3:]:
                 with client(node.port) as c:
                     wait_until(
-                        lambda c=c: c.info("replication").get("master_link_status") == "up",
-                        _START_TIMEOUT, "the cluster replicas to sync",
-                    )  # fmt: skip
+                        partial(replica_linked, c), _START_TIMEOUT, "the cluster replicas to sync"
+                    )
     except BaseException:
         cluster.stop()
         raise

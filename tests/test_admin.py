@@ -25,7 +25,8 @@ from proxy.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from proxy.keys import fingerprint_request, scope_of, storage_key
 from proxy.server import Running, serve
 from proxy.store.base import Acquired
-from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
+from tests.conftest import ProxyFactory, RedisServer, Upstream, key
+from tests.support.proxies import write_config
 
 TOKEN = "admin-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -57,13 +58,6 @@ def events() -> Iterator[Events]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-def write_config(path: Path, upstream_url: str, **overrides: Any) -> Path:
-    """A test config file: loopback, free ports, memory store, one catch-all route."""
-    raw = raw_config(upstream_url, **overrides)
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
 
 
 FileProxyFactory = Callable[..., Awaitable[tuple[Running, Path]]]
@@ -273,17 +267,19 @@ async def test_records_are_addressed_by_40_lowercase_hex_characters(
 
 
 async def test_counts_report_records_by_state(
-    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+    upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """GET /admin/records counts done and in-flight records."""
     proxy = await start_proxy()
     await pay(client, proxy, key("a"))
     await pay(client, proxy, key("b"))
-    slow = asyncio.ensure_future(pay(client, proxy, key("c"), "/delay/0.4/pay"))
-    await asyncio.sleep(0.15)
+    slow = key("c")
+    held = asyncio.ensure_future(pay(client, proxy, slow, "/hold/c/pay"))
+    await upstream.arrived(slow)
     status, _, body = await call(client, "GET", proxy.admin_url + "/admin/records")
     assert status == 200 and body == {"in_flight": 1, "done": 2}
-    assert (await slow)[0] == 201
+    upstream.release("c")
+    assert (await held)[0] == 201
     assert (await call(client, "GET", proxy.admin_url + "/admin/records"))[2]["done"] == 3
 
 

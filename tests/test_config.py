@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from proxy.config import (
     parse_config,
     parse_duration,
     parse_size,
-    redact_url,
 )
+from proxy.masking import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,11 @@ def test_routes_inherit_defaults_and_override_them() -> None:
     }, env={})  # fmt: skip
     first, second = config.routes
     assert (first.ttl, first.on_concurrent, first.upstream) == (7200, "wait", "http://other:1")
-    assert (second.ttl, second.upstream, second.methods) == (3600, "http://up:9000", {"POST"})
+    assert (second.ttl, second.upstream, second.methods) == (
+        3600,
+        "http://up:9000",
+        frozenset({"POST"}),
+    )
     assert second.id == "/*"
 
 
@@ -322,3 +327,17 @@ def test_a_store_url_that_does_not_parse_never_quotes_its_password(url: str) -> 
     text = "\n".join(caught.value.problems)
     assert text.startswith("store.url: ")
     assert "Sup3rS3cret" not in text
+
+
+def test_a_port_in_use_is_said_in_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """`run` on a listen address another process holds exits 2 naming the address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.yaml"
+        config.write_text(f"listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:0\n")
+        result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -34,13 +34,13 @@ from proxy.contract.paths import covers, governing, touches
 from tests.conftest import ProxyFactory, raw_config
 
 DATA = Path(__file__).resolve().parent / "data"
-PAYMENTS_ROUTES = [
+PAYMENTS_ROUTES: list[dict[str, Any]] = [
     {"path": "/v1/payments*", "id": "payments", "require_key": True, "ttl": "48h"},
     {"path": "/v1/reports/daily", "id": "daily-report"},
     {"path": "/v1/reports/*", "id": "reports", "methods": ["PUT"]},
     {"path": "/*", "id": "rest", "methods": ["DELETE"]},
 ]
-ORDERS_ROUTES = [
+ORDERS_ROUTES: list[dict[str, Any]] = [
     {"path": "/v2/checkout/orders", "id": "orders", "key_header": "PayPal-Request-Id",
      "on_concurrent": "wait"},
     {"path": "/v2/checkout/orders/*/capture", "id": "capture", "key_header": "PayPal-Request-Id"},

@@ -128,12 +128,12 @@ def _dashboard() -> dict[str, Any]:
     return dashboard
 
 
-def _dashboard_exprs() -> list[str]:
+def dashboard_exprs() -> list[str]:
     panels = [p for p in _dashboard()["panels"] if p["type"] != "row"]
     return [target["expr"] for panel in panels for target in panel["targets"]]
 
 
-def _alert_rules() -> list[dict[str, Any]]:
+def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in _documents(ALERTS)[0]["groups"] for rule in group["rules"]]
 
 
@@ -289,7 +289,7 @@ def test_dashboard_and_alerts_use_only_exported_metric_names(
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     exported = _exported_series()
     variables = [v["definition"] for v in _dashboard()["templating"]["list"] if "definition" in v]
-    exprs = [*_dashboard_exprs(), *variables, *(rule["expr"] for rule in _alert_rules())]
+    exprs = [*dashboard_exprs(), *variables, *(rule["expr"] for rule in alert_rules())]
     used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
     assert len(used) >= 8
     assert used <= exported, sorted(used - exported)
@@ -297,9 +297,12 @@ def test_dashboard_and_alerts_use_only_exported_metric_names(
 
 def test_queries_filter_on_real_label_values() -> None:
     """Outcome, operation and kind matchers name values the proxy actually uses."""
-    exprs = [*_dashboard_exprs(), *(rule["expr"] for rule in _alert_rules())]
-    allowed = {"outcome": set(metrics.OUTCOMES), "operation": set(metrics.STORE_OPERATIONS),
-               "kind": set(metrics.WOULD_KINDS)}  # fmt: skip
+    exprs = [*dashboard_exprs(), *(rule["expr"] for rule in alert_rules())]
+    allowed: dict[str, set[str]] = {
+        "outcome": set(metrics.OUTCOMES),
+        "operation": set(metrics.STORE_OPERATIONS),
+        "kind": set(metrics.WOULD_KINDS),
+    }
     for expr in exprs:
         for label, value in re.findall(r'\b(outcome|operation|kind)=~?"([^"]*)"', expr):
             assert set(value.split("|")) <= allowed[label], expr
@@ -330,7 +333,7 @@ def test_alert_rules_are_well_formed() -> None:
     """Each alert has a unique name, an expression, a severity, a summary and a description."""
     (document,) = _documents(ALERTS)
     assert set(document) == {"groups"}
-    rules = _alert_rules()
+    rules = alert_rules()
     names = [rule["alert"] for rule in rules]
     assert len(names) == len(set(names)) >= 6
     for rule in rules:
@@ -359,7 +362,7 @@ def test_promtool_accepts_dashboard_queries(tmp_path: Path) -> None:
     """Every dashboard query is valid PromQL once Grafana's variables are filled in."""
     promtool = _promtool()
     rules = []
-    for index, expr in enumerate(_dashboard_exprs()):
+    for index, expr in enumerate(dashboard_exprs()):
         expr = expr.replace("$__rate_interval", "5m").replace("$route", ".*")
         assert "$" not in expr, expr
         rules.append({"record": f"dashboard:query_{index}", "expr": expr})
@@ -420,7 +423,7 @@ def test_alerts_fire_on_trouble_and_stay_quiet_on_healthy_traffic(tmp_path: Path
         "IdempotencyProxyUnrecordedResponses": {"route": "payments"},
     }
     firing, quiet = [], []
-    for rule in _alert_rules():
+    for rule in alert_rules():
         labels = {**base, **extra.get(rule["alert"], {})}
         expected = {
             "exp_labels": {**labels, **rule["labels"]},

@@ -18,7 +18,7 @@ from proxy.fingerprints import CANONICAL_MAX_BYTES, canonical_json, form_pairs, 
 from proxy.keys import fingerprint_request
 from proxy.server import Running
 from tests.conftest import ProxyFactory, Upstream, key
-from tests.test_flow import post, problem
+from tests.support.requests import post, problem
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"

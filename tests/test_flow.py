@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -19,23 +19,21 @@ from proxy.outcomes import RequestOutcome
 from proxy.server import Running, serve
 from proxy.store.base import Outcome
 from proxy.store.memory import MemoryStore
-from tests.conftest import ProxyFactory, Upstream, key, make_config
+from tests.conftest import ProxyFactory, Upstream, free_port, key, make_config
+from tests.support.metrics import scrape, value
+from tests.support.requests import assert_replayed_once, post, problem
+from tests.support.waiting import wait_until
 
 
-async def post(client: aiohttp.ClientSession, proxy: Running, path: str, body: bytes = b"{}",
-               idem: str | None = None, **headers: str) -> tuple[int, Any, bytes]:  # fmt: skip
-    sent = dict(headers)
-    if idem is not None:
-        sent["Idempotency-Key"] = idem
-    async with client.post(proxy.url + path, data=body, headers=sent) as response:
-        return response.status, response.headers, await response.read()
+async def waiting(client: aiohttp.ClientSession, proxy: Running) -> bool:
+    """Whether a retry waits at the proxy for a first attempt (on_concurrent: wait)."""
+    return value(await scrape(client, proxy.admin_url), "idempotency_proxy_waiters") >= 1
 
 
-def problem(body: bytes) -> dict[str, Any]:
-    data = json.loads(body)
-    assert data["type"].startswith(PROBLEM_TYPE_PREFIX)
-    assert {"type", "title", "status", "detail"} <= data.keys()
-    return dict(data)
+async def recorded(client: aiohttp.ClientSession, proxy: Running) -> bool:
+    """Whether the proxy's store holds a finished record and none in flight."""
+    async with client.get(proxy.admin_url + "/admin/records") as response:
+        return bool(await response.json() == {"in_flight": 0, "done": 1})
 
 
 async def test_retry_replays_status_headers_and_body_byte_for_byte(
@@ -43,17 +41,14 @@ async def test_retry_replays_status_headers_and_body_byte_for_byte(
 ) -> None:
     """A retry gets the first response unchanged plus Idempotent-Replayed; one execution."""
     proxy = await start_proxy(store={"url": store_url})
-    k = key("pay")
-    first = await post(client, proxy, "/v1/payments", b'{"amount": 100}', k)
-    second = await post(client, proxy, "/v1/payments", b'{"amount": 100}', k)
-    assert first[0] == second[0] == 201
-    assert first[2] == second[2]
+    first, second = await assert_replayed_once(
+        client, upstream, proxy, "/v1/payments", b'{"amount": 100}', status=201
+    )
     assert "Idempotent-Replayed" not in first[1]
     assert second[1]["Idempotent-Replayed"] == "true"
     replayed = [(n, v) for n, v in second[1].items() if n != "Idempotent-Replayed"]
     assert list(first[1].items()) == replayed
     assert second[1].getall("Set-Cookie") == ["a=1"]
-    assert upstream.executions(k) == 1
 
 
 async def test_key_header_and_forwarding_headers_reach_the_upstream(
@@ -78,9 +73,12 @@ async def test_concurrent_duplicates_execute_once_and_the_rest_conflict(
     """20 simultaneous duplicates against a slow upstream: one execution, 19 x 409 (reject)."""
     proxy = await start_proxy(store={"url": store_url}, defaults={"on_concurrent": "reject"})
     k = key("dup")
-    results = await asyncio.gather(
-        *(post(client, proxy, "/delay/0.5/pay", b"{}", k) for _ in range(20))
-    )
+    # The first attempt is held at the upstream until the 19 others have had their answer.
+    sent = [asyncio.ensure_future(post(client, proxy, "/hold/dup/pay", b"{}", k))
+            for _ in range(20)]  # fmt: skip
+    await wait_until(lambda: sum(task.done() for task in sent) == 19, what="19 answers")
+    upstream.release("dup")
+    results = await asyncio.gather(*sent)
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [201] + [409] * 19
     for status, headers, body in results:
@@ -113,10 +111,11 @@ async def test_waiting_gives_up_with_409_after_wait_timeout(
     """A waiter whose first attempt outlasts wait_timeout gets 409, not a second execution."""
     proxy = await start_proxy(defaults={"on_concurrent": "wait", "wait_timeout": "200ms"})
     k = key("slow")
-    first = asyncio.ensure_future(post(client, proxy, "/delay/0.8/pay", b"{}", k))
-    await asyncio.sleep(0.1)
-    status, _, _ = await post(client, proxy, "/delay/0.8/pay", b"{}", k)
+    first = asyncio.ensure_future(post(client, proxy, "/hold/slow/pay", b"{}", k))
+    await upstream.arrived(k)
+    status, _, _ = await post(client, proxy, "/hold/slow/pay", b"{}", k)
     assert status == 409
+    upstream.release("slow")
     assert (await first)[0] == 201
     assert upstream.executions(k) == 1
 
@@ -127,9 +126,12 @@ async def test_waiter_takes_over_a_released_key(
     """When the first attempt is released (503), a waiter executes the request itself."""
     proxy = await start_proxy(defaults={"on_concurrent": "wait"})
     k = key("rel")
-    first = asyncio.ensure_future(post(client, proxy, "/delay/0.3/status/503", b"{}", k))
-    await asyncio.sleep(0.1)
-    second = await post(client, proxy, "/delay/0.3/status/503", b"{}", k)
+    first = asyncio.ensure_future(post(client, proxy, "/hold/first/status/503", b"{}", k))
+    await upstream.arrived(k)
+    waiter = asyncio.ensure_future(post(client, proxy, "/hold/first/status/503", b"{}", k))
+    await wait_until(lambda: waiting(client, proxy), what="the retry waiting at the proxy")
+    upstream.release("first")  # the gate stays open: the waiter's own attempt goes through
+    second = await waiter
     assert (await first)[0] == 503
     assert second[0] == 503 and "Idempotent-Replayed" not in second[1]
     assert upstream.executions(k) == 2
@@ -243,20 +245,13 @@ async def test_other_error_statuses_are_stored_and_replayed(
 ) -> None:
     """4xx and 5xx other than the release statuses are terminal, as with Stripe."""
     proxy = await start_proxy()
-    k = key("err")
-    first = await post(client, proxy, f"/status/{status}", b"{}", k)
-    second = await post(client, proxy, f"/status/{status}", b"{}", k)
-    assert first[0] == second[0] == status and first[2] == second[2]
-    assert second[1]["Idempotent-Replayed"] == "true"
-    assert upstream.executions(k) == 1
+    await assert_replayed_once(client, upstream, proxy, f"/status/{status}", status=status)
 
 
 async def test_unreachable_upstream_is_502_and_released(
     start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Connection refused: never delivered, so 502 and the retry tries again."""
-    from tests.conftest import free_port
-
     proxy = await start_proxy(upstream=f"http://127.0.0.1:{free_port()}")
     k = key("down")
     for _ in range(2):
@@ -270,14 +265,8 @@ async def test_upstream_timeout_is_stored_as_unknown_outcome_under_reject(
 ) -> None:
     """A 504 after the request was sent is terminal: the retry replays it, no re-execution."""
     proxy = await start_proxy(defaults={"upstream_timeout": "200ms"})
-    k = key("to")
-    first = await post(client, proxy, "/delay/0.6/pay", b"{}", k)
-    assert first[0] == 504
+    first, _ = await assert_replayed_once(client, upstream, proxy, "/delay/0.6/pay", status=504)
     assert problem(first[2])["type"] == PROBLEM_TYPE_PREFIX + "upstream-timeout"
-    second = await post(client, proxy, "/delay/0.6/pay", b"{}", k)
-    assert second[0] == 504 and second[1]["Idempotent-Replayed"] == "true"
-    assert second[2] == first[2]
-    assert upstream.executions(k) == 1
 
 
 async def test_upstream_timeout_is_released_under_retry(
@@ -298,13 +287,8 @@ async def test_dropped_connection_after_delivery_is_unknown_outcome(
 ) -> None:
     """A reset or truncated answer may have acted: 502 stored, the retry replays it."""
     proxy = await start_proxy()
-    k = key("drop")
-    first = await post(client, proxy, path, b"{}", k)
-    assert first[0] == 502
+    first, _ = await assert_replayed_once(client, upstream, proxy, path, status=502)
     assert problem(first[2])["type"] == PROBLEM_TYPE_PREFIX + "upstream-disconnected"
-    second = await post(client, proxy, path, b"{}", k)
-    assert second[0] == 502 and second[1]["Idempotent-Replayed"] == "true"
-    assert upstream.executions(k) == 1
 
 
 async def test_client_that_gives_up_still_gets_its_result_recorded(
@@ -314,11 +298,13 @@ async def test_client_that_gives_up_still_gets_its_result_recorded(
     proxy = await start_proxy(store={"url": store_url})
     k = key("gone")
     with pytest.raises(asyncio.TimeoutError):
-        await client.post(proxy.url + "/delay/0.4/pay", data=b"{}",
+        await client.post(proxy.url + "/hold/gone/pay", data=b"{}",
                           headers={"Idempotency-Key": k},
                           timeout=aiohttp.ClientTimeout(total=0.1))  # fmt: skip
-    await asyncio.sleep(0.5)
-    status, headers, body = await post(client, proxy, "/delay/0.4/pay", b"{}", k)
+    await upstream.arrived(k)
+    upstream.release("gone")
+    await wait_until(lambda: recorded(client, proxy), what="the result recorded")
+    status, headers, body = await post(client, proxy, "/hold/gone/pay", b"{}", k)
     assert status == 201 and headers["Idempotent-Replayed"] == "true"
     assert json.loads(body)["serial"] == 1
     assert upstream.executions(k) == 1
@@ -332,9 +318,11 @@ async def test_slow_upstream_keeps_its_lock_across_lease_periods(
         store={"url": store_url}, defaults={"lease": "150ms", "on_concurrent": "reject"}
     )
     k = key("renew")
-    first = asyncio.ensure_future(post(client, proxy, "/delay/0.6/pay", b"{}", k))
-    await asyncio.sleep(0.45)
-    assert (await post(client, proxy, "/delay/0.6/pay", b"{}", k))[0] == 409
+    first = asyncio.ensure_future(post(client, proxy, "/hold/renew/pay", b"{}", k))
+    await upstream.arrived(k)
+    await asyncio.sleep(0.45)  # three lease periods pass while the upstream works
+    assert (await post(client, proxy, "/hold/renew/pay", b"{}", k))[0] == 409
+    upstream.release("renew")
     assert (await first)[0] == 201
     assert upstream.executions(k) == 1
 
@@ -347,7 +335,7 @@ async def test_request_body_over_the_limit_is_413(
     status, _, body = await post(client, proxy, "/v1/pay", b"x" * 2048, key("big"))
     assert status == 413 and problem(body)["type"] == PROBLEM_TYPE_PREFIX + "body-too-large"
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(4):
             yield b"y" * 512
 
@@ -397,8 +385,6 @@ async def test_store_unavailable_fails_closed_with_503(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """No store, fail_mode closed: 503 problem with Retry-After, upstream not called."""
-    from tests.conftest import free_port
-
     url = f"redis://127.0.0.1:{free_port()}/0"
     proxy = await start_proxy(store={"url": url, "timeout": "200ms"})
     status, headers, body = await post(client, proxy, "/v1/pay", b"{}", key("s"))
@@ -413,8 +399,6 @@ async def test_store_unavailable_fails_open_when_configured(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """fail_mode open forwards unprotected while the store is down."""
-    from tests.conftest import free_port
-
     url = f"redis://127.0.0.1:{free_port()}/0"
     proxy = await start_proxy(store={"url": url, "fail_mode": "open", "timeout": "200ms"})
     k = key("open")
@@ -533,11 +517,12 @@ async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(
         assert problem(meanwhile[2])["type"] == PROBLEM_TYPE_PREFIX + "key-in-use"
         store.gate.set()
         record = storage_key("default", scope_of([("Authorization", ())]), k).store
-        for _ in range(1000):  # until the complete that the gate held has run
+
+        async def completed() -> bool:  # the complete that the gate held has run
             info = await store.inspect(record)
-            if info is not None and info.state == "done":
-                break
-            await asyncio.sleep(0.001)
+            return info is not None and info.state == "done"
+
+        await wait_until(completed, what="the held complete", interval=0.001)
         replayed = await post(client, proxy, "/v1/pay", b"{}", k)
     assert replayed[0] == 201 and replayed[1].get("Idempotent-Replayed") == "true"
     assert replayed[2] == first[2]

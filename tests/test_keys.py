@@ -12,8 +12,6 @@ from proxy.keys import (
     scope_of,
     storage_key,
 )
-from proxy.routing import Router
-from tests.conftest import make_config
 
 
 @pytest.mark.parametrize(
@@ -64,17 +62,3 @@ def test_storage_key_hides_the_key_and_the_tenant() -> None:
     assert len({record, storage_key("ns", bob, "order-42"), storage_key("ns2", alice, "order-42"),
                 storage_key("ns", alice, "order-43")}) == 4  # fmt: skip
     assert scope_of([("Authorization", ["a", "b"])]) != scope_of([("Authorization", ["ab"])])
-
-
-def test_first_matching_route_wins() -> None:
-    """Routes match in order; `*` spans slashes; unmatched paths give None."""
-    config = make_config("http://up:1", routes=[
-        {"path": "/v1/payments/*", "id": "pay"}, {"path": "/v1/*", "id": "v1"},
-        {"path": "/exact", "id": "exact"},
-    ])  # fmt: skip
-    router = Router(config.routes)
-    assert router.match("/v1/payments/a/b").id == "pay"  # type: ignore[union-attr]
-    assert router.match("/v1/payments").id == "v1"  # type: ignore[union-attr]
-    assert router.match("/exact").id == "exact"  # type: ignore[union-attr]
-    assert router.match("/exact/more") is None
-    assert router.match("/v2") is None

@@ -25,7 +25,8 @@ from proxy.metrics import WOULD_KINDS
 from proxy.observing import KeylessWindow
 from proxy.server import Running, serve
 from tests.conftest import ProxyFactory, Upstream, key, raw_config
-from tests.test_flow import post
+from tests.support.requests import post
+from tests.support.waiting import wait_until
 
 OBSERVED_EVENT = "observed: enforcing would have answered otherwise"
 
@@ -68,15 +69,6 @@ def record_hash(idem: str, authorization: str | None = None) -> str:
     return storage_key("default", scope_of([("Authorization", values)]), idem).hash
 
 
-async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `check()` holds (an event the test cannot await directly)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
 async def test_observe_forwards_every_attempt_and_counts_each_duplicate(
     upstream: Upstream, start_proxy: ProxyFactory, client: aiohttp.ClientSession,
     store_url: str, events: Callable[[str], list[dict[str, Any]]],
@@ -92,7 +84,7 @@ async def test_observe_forwards_every_attempt_and_counts_each_duplicate(
     again = [await post(client, proxy, "/v1/pay", b'{"amount": 1}', retried) for _ in range(2)]
     other = await post(client, proxy, "/v1/pay", b'{"amount": 2}', retried)
     slow = asyncio.ensure_future(post(client, proxy, "/delay/0.5/pay", b"{}", raced))
-    await until(lambda: upstream.executions(raced) == 1)
+    await wait_until(lambda: upstream.executions(raced) == 1)
     racing = await post(client, proxy, "/delay/0.5/pay", b"{}", raced)
     await slow
 
@@ -234,7 +226,7 @@ async def test_reload_to_enforce_protects_keys_first_seen_in_observe(
     done, running = key("done"), key("running")
     first = await post(client, proxy, "/v1/pay", b'{"amount": 1}', done)
     slow = asyncio.ensure_future(post(client, proxy, "/delay/0.5/pay", b"{}", running))
-    await until(lambda: upstream.executions(running) == 1)
+    await wait_until(lambda: upstream.executions(running) == 1)
 
     routes[0]["mode"] = "enforce"
     path.write_text(yaml.safe_dump(raw_config(upstream.url, store={"url": store_url},

@@ -33,8 +33,10 @@ from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from proxy.config import parse_config
 from proxy.server import Running, serve
-from tests.conftest import raw_config, serve_app
-from tests.test_observability import scrape, value
+from tests.conftest import raw_config
+from tests.support.metrics import scrape, value
+from tests.support.upstream import serve_app
+from tests.support.waiting import wait_until
 
 # The SDK's own timeout: the held first attempt always outlasts it. A waiting retry must get
 # its answer within it, so `wait` gets a longer one than `reject`, where the 409 is at once.
@@ -120,7 +122,7 @@ def _gocardless(base: str, timeout: float) -> Surfaced:
 
 
 def _paypal(base: str, timeout: float) -> Surfaced:
-    class Local(paypal_configuration.Configuration):
+    class Local(paypal_configuration.Configuration):  # type: ignore[misc]  # untyped SDK
         """PayPal's SDK takes its base URL from its environment table: point it here."""
 
         environments = {
@@ -193,16 +195,15 @@ async def _met(client: aiohttp.ClientSession, proxy: Running, route: str) -> dic
 async def _turned_away_or_waiting(client: aiohttp.ClientSession, proxy: Running, route: str,
                                   mode: str) -> None:  # fmt: skip
     """Until the proxy has answered a retry 409 (reject) or holds one waiting (wait)."""
-    while True:
+
+    async def seen() -> bool:
         samples = await scrape(client, proxy.admin_url)
         if mode == "reject":
-            seen = value(samples, "idempotency_proxy_requests_total",
-                         route=route, method="POST", outcome="conflict")  # fmt: skip
-        else:
-            seen = value(samples, "idempotency_proxy_waiters")
-        if seen >= 1:
-            return
-        await asyncio.sleep(0.01)
+            return value(samples, "idempotency_proxy_requests_total",
+                         route=route, method="POST", outcome="conflict") >= 1  # fmt: skip
+        return value(samples, "idempotency_proxy_waiters") >= 1
+
+    await wait_until(seen, 25, f"a retry turned away or waiting ({mode})", 0.01)
 
 
 @pytest.mark.parametrize("mode", ["reject", "wait"])

@@ -56,7 +56,7 @@ def test_cluster_url_names_seed_nodes_and_options() -> None:
     [
         ("redis+sentinel://s1:26379", "names its service"),
         ("redis+sentinel://s1:26379/svc/one", "database number"),
-        ("redis+sentinel://s1:70000/svc", 'host:port in the URL, got "s1:70000"'),
+        ("redis+sentinel://s1:70000/svc", "expected host:port entries in the URL"),
         ("redis+sentinel://s1,:26379/svc", "host:port"),
         ("redis+cluster://a:7000/3", "only database 0"),
         ("redis+cluster://a:7000?db=3", "option 'db'"),

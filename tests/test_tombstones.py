@@ -18,7 +18,7 @@ from proxy.server import Running
 from proxy.store.base import Acquired, Expired, Outcome, StoredResponse
 from proxy.store.redis import RedisStore
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key, raw_config
-from tests.test_flow import post, problem
+from tests.support.requests import post, problem
 
 TTL = 0.3
 TOMBSTONE = 0.8

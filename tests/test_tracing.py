@@ -47,8 +47,8 @@ from tests.conftest import (
     make_config,
     raw_config,
 )
+from tests.support.proxies import REPO, child_env
 
-_REPO = Path(__file__).resolve().parent.parent
 HOOKS_FILE = tracing.__file__  # proxy/tracing.py
 SERVER, CLIENT = ProtoSpan.SPAN_KIND_SERVER, ProtoSpan.SPAN_KIND_CLIENT
 
@@ -353,17 +353,12 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-def child_env() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith(("IDEMPOTENCY_PROXY_", "OTEL_"))}  # fmt: skip
-
-
 async def test_with_tracing_off_opentelemetry_is_never_imported(upstream: Upstream) -> None:
     """A proxy process that served a request without `tracing:` has loaded none of the
     tracing code: not our hooks, not OpenTelemetry's tracer SDK, not an exporter."""
     idem = key("off")
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SERVE_ONE, upstream.url, idem, cwd=_REPO, env=child_env(),
+        sys.executable, "-c", _SERVE_ONE, upstream.url, idem, cwd=REPO, env=child_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await child.communicate()
@@ -383,7 +378,7 @@ def test_tracing_without_the_extra_installed_is_a_config_error_that_says_how_to_
         "except ConfigError as exc:\n"
         "    print(exc.problems)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=_REPO, env=child_env(),
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(),
                             capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
     assert result.stdout.strip() == repr([
         "tracing: OpenTelemetry is not installed; install the extra: "

@@ -21,7 +21,7 @@ from yarl import URL
 
 from proxy.upstream import request_headers, response_headers, sendable, translate
 from tests.conftest import ProxyFactory, Upstream, free_port, key
-from tests.test_hostile_input import exchange, request
+from tests.support.raw_http import exchange, request
 
 
 def test_headers_named_in_connection_are_not_forwarded() -> None:

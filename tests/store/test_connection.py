@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from proxy.errors import StoreUnavailable
 from proxy.store.base import Acquired, InProgress
 from proxy.store.connection import RedisBatcher, connection_pool
 from proxy.store.redis import RedisStore
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 
 
 def batcher(url: str, timeout: float) -> RedisBatcher:
@@ -33,30 +32,15 @@ async def test_concurrent_calls_get_their_own_replies(redis: RedisServer) -> Non
 
 
 @pytest.fixture
-async def password_redis() -> AsyncIterator[int]:
-    port = free_port()
-    binary = shutil.which("redis-server")
-    assert binary
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--requirepass", "s3cret"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.02)
-        yield port
-    finally:
-        process.kill()
-        process.wait()
+def password_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server of this test's own that wants a password."""
+    server = RedisServer(tmp_path, config=["requirepass s3cret"])
+    server.start()
+    yield server.port
+    server.kill()
 
 
+@pytest.mark.redis
 async def test_password_and_database_come_from_the_url(password_redis: int) -> None:
     """AUTH and SELECT run before the connection is shared; a wrong password is refused."""
     good = batcher(f"redis://:s3cret@127.0.0.1:{password_redis}/3", timeout=2)
@@ -121,7 +105,7 @@ async def test_reconnects_after_redis_restarts(redis: RedisServer) -> None:
     try:
         assert isinstance(await store.begin("idp:a", "fp", lease=5, ttl=60, takeover=False),
                           Acquired)  # fmt: skip
-        redis.stop()
+        redis.kill()
         with pytest.raises(StoreUnavailable):
             await store.begin("idp:b", "fp", lease=5, ttl=60, takeover=False)
         redis.start()

@@ -17,6 +17,7 @@ from proxy.store import open_store
 from proxy.store.base import (
     UNKNOWN_OUTCOME,
     Acquired,
+    Decision,
     Expired,
     InProgress,
     Mismatch,
@@ -64,7 +65,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 
 
 async def begin(store: Store, record: str, fp: str = "fp", *, lease: float = LEASE,
-                ttl: float = TTL, takeover: bool = False):  # type: ignore[no-untyped-def]  # fmt: skip
+                ttl: float = TTL, takeover: bool = False) -> Decision:  # fmt: skip
     return await store.begin(record, fp, lease=lease, ttl=ttl, takeover=takeover)
 
 

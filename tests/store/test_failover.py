@@ -8,8 +8,8 @@ import time
 import aiohttp
 
 from tests.conftest import ProxyFactory, Upstream, key
-from tests.redis_topologies import RedisNode, replicating, wait_until
-from tests.test_faults import until
+from tests.redis_topologies import RedisNode, replicating
+from tests.support.waiting import wait_until
 
 
 async def post(client: aiohttp.ClientSession, url: str, k: str) -> int:
@@ -45,7 +45,7 @@ async def test_a_demoted_primary_is_not_ready_and_recovers_by_itself(
 
     replica.command("REPLICAOF", "NO", "ONE")
     primary.command("REPLICAOF", "127.0.0.1", str(replica.port))
-    wait_until(lambda: b"master_link_status:up" in primary.command("INFO", "replication"))
+    await wait_until(lambda: b"master_link_status:up" in primary.command("INFO", "replication"))
     k = key("demoted")
     assert await post(client, proxy.url, k) == 503
     assert upstream.executions(k) == 0
@@ -78,18 +78,18 @@ async def test_min_replicas_ack_waits_for_a_replica_and_withdraws_without_one(
     assert len(records) == 1
     state = replica.command("HGET", records[0].decode(), "st")
     assert state.endswith((b"f\r\n", b"d\r\n"))  # the acknowledged begin, at least
-    await until(lambda: replica.command("HGET", records[0].decode(), "st").endswith(b"d\r\n"))
+    await wait_until(lambda: replica.command("HGET", records[0].decode(), "st").endswith(b"d\r\n"))
     assert await ready(client, proxy.admin_url) == 200
 
-    replica.stop()
-    wait_until(lambda: b"connected_slaves:0" in primary.command("INFO", "replication"))
+    replica.kill()
+    await wait_until(lambda: b"connected_slaves:0" in primary.command("INFO", "replication"))
     lost = key("unacknowledged")
     started = time.monotonic()
     assert await post(client, proxy.url, lost) == 503
     assert time.monotonic() - started < 2.0  # one store timeout, and the 503
     assert upstream.executions(lost) == 0
     assert await ready(client, proxy.admin_url) == 503
-    wait_until(lambda: not in_flight(primary))  # the begin ran on the primary: withdrawn
+    await wait_until(lambda: not in_flight(primary))  # the begin ran on the primary: withdrawn
 
     replica.start()
     replicating(primary)

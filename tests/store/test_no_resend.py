@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import aiohttp
@@ -11,6 +10,7 @@ import pytest
 from proxy.store.redis import BEGIN
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key
 from tests.redis_topologies import relay_to
+from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize("how", ["drop", "close"])
@@ -33,10 +33,8 @@ async def test_a_begin_whose_reply_is_lost_reaches_redis_once_and_answers_503(
         assert relay.commands[sha] == 1
         assert upstream.executions(k) == 0
         # The begin ran in Redis; the proxy withdraws its record, then the retry executes.
-        for _ in range(100):
-            if not redis.command("KEYS", "idp:*").startswith(b"*1"):
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: not redis.command("KEYS", "idp:*").startswith(b"*1"),
+                         5, "the record withdrawn", 0.05)  # fmt: skip
         async with client.post(proxy.url + "/pay", headers={"Idempotency-Key": k}) as response:
             assert response.status == 201
         assert upstream.executions(k) == 1

@@ -17,8 +17,9 @@ from proxy.store import open_store
 from proxy.store.base import Acquired, Outcome, Store, StoredResponse
 from proxy.store.redis import RedisStore
 from tests.conftest import key
-from tests.redis_topologies import RedisNode, wait_until
+from tests.redis_topologies import RedisNode
 from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
+from tests.support.waiting import wait_until_sync
 
 RESPONSE = Outcome("response", StoredResponse(201, (), b"{}"))
 WAKE = 5.0
@@ -58,7 +59,9 @@ async def test_a_demoted_primary_still_delivers_to_its_subscribers(
         async with watching.watch(record) as watch:
             replica.command("REPLICAOF", "NO", "ONE")
             primary.command("REPLICAOF", "127.0.0.1", str(replica.port))
-            wait_until(lambda: b"master_link_status:up" in primary.command("INFO", "replication"))
+            wait_until_sync(
+                lambda: b"master_link_status:up" in primary.command("INFO", "replication")
+            )
             token = await acquired(writing, record)
             assert await writing.complete(record, token, RESPONSE, ttl=30)
             assert await watch.changed(WAKE)

@@ -35,7 +35,7 @@ async def works(url: str) -> bool:
 
 
 def tls_url(node: RedisNode, certs: Certificates, *options: str, host: str = "127.0.0.1") -> str:
-    port = node.tls_port  # type: ignore[attr-defined]
+    port = node.tls_port
     query = "&".join((f"ssl_ca_certs={certs.path('ca.crt')}", *options))
     return f"rediss://{host}:{port}/0?{query}"
 
@@ -60,7 +60,7 @@ async def test_tls_ca_given_as_data(
     node = tls_node(tmp_path / "tls", certificates).started()
     redis_nodes.append(node)
     pem = (certificates.directory / "ca.crt").read_text()
-    port = node.tls_port  # type: ignore[attr-defined]
+    port = node.tls_port
     assert await works(f"rediss://127.0.0.1:{port}/0?ssl_ca_data={quote(pem, safe='')}")
 
 
@@ -131,7 +131,7 @@ def test_keepalive_health_checks_and_no_retries_by_default() -> None:
     assert kwargs["socket_keepalive"] is True
     assert kwargs["health_check_interval"] == DEFAULT_HEALTH_CHECK_INTERVAL
     assert kwargs["socket_connect_timeout"] == 0.5
-    connection = pool.make_connection()
+    connection = pool.make_connection()  # type: ignore[no-untyped-call]
     assert connection.retry.get_retries() == 0
     custom = connection_pool(
         "redis://127.0.0.1:1/0?socket_keepalive=false&health_check_interval=3&socket_timeout=2",
