@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory, Upstream, key
-from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
+from tests.support.topologies import ClusterNodes, SentinelGroup
 
 KEYS = 300
 WORKERS = 8

@@ -30,7 +30,7 @@ from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.store.topology import open_batcher
 from tests.conftest import RedisServer, free_port, key, make_config
-from tests.sentinel_and_cluster import ClusterNodes
+from tests.support.topologies import ClusterNodes
 
 KEYS = 100
 # A waiter's begins: one deciding, one once its watch is open, one when woken (a spurious

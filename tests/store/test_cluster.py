@@ -21,7 +21,7 @@ from proxy.store import redis as redis_store
 from proxy.store.base import Acquired, Store
 from proxy.store.topology import command_key
 from tests.conftest import key
-from tests.sentinel_and_cluster import ClusterNodes, client
+from tests.support.topologies import ClusterNodes, client
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from proxy.store.base import (
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.conftest import RedisServer, key
-from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
+from tests.support.topologies import ClusterNodes, SentinelGroup
 
 TTL = 30.0
 LEASE = 5.0

@@ -18,7 +18,7 @@ from proxy.store.base import Acquired, Outcome, Store, StoredResponse
 from proxy.store.redis import RedisStore
 from tests.conftest import key
 from tests.redis_topologies import RedisNode
-from tests.sentinel_and_cluster import ClusterNodes, SentinelGroup
+from tests.support.topologies import ClusterNodes, SentinelGroup
 from tests.support.waiting import wait_until_sync
 
 RESPONSE = Outcome("response", StoredResponse(201, (), b"{}"))

@@ -87,6 +87,7 @@ class RedisServer(ChildProcess):
                 self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
         else:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
             with self.log.open("ab") as out:
                 self.process = subprocess.Popen(self.argv(), stdout=out, stderr=out)
         self.frozen = False
