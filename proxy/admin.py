@@ -221,9 +221,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def scrape(request: web.Request) -> web.Response:
-    body, content_type = metrics.render()
-    response = web.Response(body=body)
-    response.headers["Content-Type"] = content_type
+    response = web.Response(body=await metrics.render())
+    response.headers["Content-Type"] = metrics.CONTENT_TYPE
     return response
 
 

@@ -27,6 +27,7 @@ from proxy.server import Running, serve
 from proxy.store.base import Acquired
 from tests.conftest import ProxyFactory, RedisServer, Upstream, key
 from tests.support.proxies import write_config
+from tests.support.waiting import wait_until
 
 TOKEN = "admin-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -208,8 +209,12 @@ async def test_outcome_unknown_is_resolved_by_deleting_its_record(
     ]
     status, _, body = await pay(client, proxy, k, **tenant)
     assert status == 201 and upstream.executions(k) == 1
-    status, _, body = await call(client, "GET", f"{admin}/{found['record']}", **BEARER)
-    assert status == 200 and body["state"] == "done" and body["status"] == 201
+
+    async def recorded() -> bool:  # the answer does not wait for the record to land
+        status, _, body = await call(client, "GET", f"{admin}/{found['record']}", **BEARER)
+        return bool(status == 200 and body["state"] == "done" and body["status"] == 201)
+
+    await wait_until(recorded, what="the new execution recorded")
 
 
 async def test_lookup_scopes_the_key_with_the_routes_scope_headers(

@@ -108,7 +108,8 @@ def _dockerignored(path: str) -> bool:
 
 def _exported_series() -> set[str]:
     """Series names in this process's exposition text, with each type's suffixes."""
-    text, _ = metrics.render()
+    metrics.flush()
+    text = metrics.exposition()
     names: set[str] = set()
     for line in text.decode().splitlines():
         if line.startswith("# TYPE "):

@@ -505,7 +505,8 @@ async def test_the_answer_does_not_wait_for_the_result_to_be_recorded(
     complete is still pending; a retry meanwhile gets 409 (the lease guards the key), and
     once the result is recorded the retry replays it. The upstream executed once."""
     store = GatedCompletes()
-    async with serve(make_config(upstream.url), store) as proxy:
+    config = make_config(upstream.url, defaults={"on_concurrent": "reject"})
+    async with serve(config, store) as proxy:
         k = key("early")
         first = await post(client, proxy, "/v1/pay", b"{}", k)
         assert first[0] == 201 and store.waiting.is_set() and not store.gate.is_set()

@@ -33,6 +33,8 @@ from paypalserversdk.paypal_serversdk_client import PaypalServersdkClient
 
 from proxy.config import parse_config
 from proxy.server import Running, serve
+from proxy.store.base import Decision, InProgress
+from proxy.store.memory import MemoryStore
 from tests.conftest import raw_config
 from tests.support.metrics import scrape, value
 from tests.support.upstream import serve_app
@@ -192,9 +194,28 @@ async def _met(client: aiohttp.ClientSession, proxy: Running, route: str) -> dic
     }  # fmt: skip
 
 
+class SeesRetries(MemoryStore):
+    """The proxy's store, telling the test when a retry met the running first attempt.
+
+    The test used to poll /metrics every 10 ms for it: each scrape (generated and parsed in
+    the loop that also runs the proxy) kept the proxy from answering the SDK's retry within
+    the SDK's own 0.5 s timeout on a busy machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.met = asyncio.Event()
+
+    async def begin(self, key: str, fingerprint: str, **kwargs: Any) -> Decision:
+        decision = await super().begin(key, fingerprint, **kwargs)
+        if isinstance(decision, InProgress):
+            self.met.set()
+        return decision
+
+
 async def _turned_away_or_waiting(client: aiohttp.ClientSession, proxy: Running, route: str,
-                                  mode: str) -> None:  # fmt: skip
+                                  mode: str, store: SeesRetries) -> None:  # fmt: skip
     """Until the proxy has answered a retry 409 (reject) or holds one waiting (wait)."""
+    await store.met.wait()
 
     async def seen() -> bool:
         samples = await scrape(client, proxy.admin_url)
@@ -203,7 +224,7 @@ async def _turned_away_or_waiting(client: aiohttp.ClientSession, proxy: Running,
                          route=route, method="POST", outcome="conflict") >= 1  # fmt: skip
         return value(samples, "idempotency_proxy_waiters") >= 1
 
-    await wait_until(seen, 25, f"a retry turned away or waiting ({mode})", 0.01)
+    await wait_until(seen, 25, f"a retry turned away or waiting ({mode})", 0.05)
 
 
 @pytest.mark.parametrize("mode", ["reject", "wait"])
@@ -216,9 +237,10 @@ async def test_sdk_retry_through_the_proxy_executes_once(
     route_id = f"{name}-{mode}-{os.urandom(3).hex()}"  # metrics are process-wide
     route = {**sdk.route, "id": route_id, "on_concurrent": mode, "wait_timeout": "5s"}
     config = parse_config(raw_config(fake_api.url, routes=[route, {"path": "/*"}]), env={})
-    async with serve(config) as proxy:
+    store = SeesRetries()
+    async with serve(config, store) as proxy:
         call = asyncio.ensure_future(asyncio.to_thread(surfaced, sdk, proxy.url, SDK_TIMEOUT[mode]))
-        watch = asyncio.ensure_future(_turned_away_or_waiting(client, proxy, route_id, mode))
+        watch = asyncio.ensure_future(_turned_away_or_waiting(client, proxy, route_id, mode, store))
         await asyncio.wait({call, watch}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
         fake_api.release.set()  # the first attempt answers now
         result = await asyncio.wait_for(call, 15)
