@@ -2,7 +2,8 @@
 
 One invocation runs every case side by side with wrk, for a fixed duration each, against
 servers it starts itself on loopback (nginx upstream, nginx proxy, the bare aiohttp
-pass-through, the idempotency proxy, its own redis-server), and prints req/s, p50, p99 and
+pass-through, the idempotency proxy, its own redis-server, and on demand a Sentinel group, a
+Cluster or a primary with a replica: `bench/stores.py`), and prints req/s, p50, p99 and
 the CPU the hop under test spent per request, each as a ratio to the bare pass-through
 (bench/passthrough.py) with the same number of processes; then the one-connection
 latency per hop, and one line per target with PASS or MISS. `bench/run --help` for options.
@@ -17,18 +18,20 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import pyspy as profiling
-from bench import services, wrk
+from bench import services, stores, wrk
 from bench.services import Server
+from bench.stores import BenchStore
 from tests.support.processes import process_tree
 from tests.support.redis_server import RedisServer
 
@@ -51,8 +54,11 @@ class Case:
     hop: str  # direct | nginx | passthrough | proxy
     path: str = "/pay/orders"
     script: str = "first.lua"
-    store: str | None = None  # memory | redis, for the proxy
+    store: str | None = None  # memory | redis | sentinel | cluster | replicated, for the proxy
     prefill: bool = False
+    min_replicas_ack: int = 0
+    # Off in the default run (which they would lengthen by minutes); `--only` names them.
+    default: bool = True
 
 
 # Every case sends the same request: POST, a small JSON body, a unique Idempotency-Key
@@ -91,8 +97,32 @@ CASES = (
         script="mix.lua",
         store="redis",
     ),
+    # The production topologies, against redis-first: each starts its own servers.
+    Case(
+        "sentinel-first",
+        "protected first attempts, Sentinel (primary + replica, 3 sentinels)",
+        "proxy",
+        store="sentinel",
+        default=False,
+    ),
+    Case(
+        "cluster-first",
+        "protected first attempts, Cluster (3 masters)",
+        "proxy",
+        store="cluster",
+        default=False,
+    ),
+    Case(
+        "acks-first",
+        "protected first attempts, Redis + replica, min_replicas_ack: 1",
+        "proxy",
+        store="replicated",
+        min_replicas_ack=1,
+        default=False,
+    ),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
+DEFAULT_CASES = tuple(c.name for c in CASES if c.default)
 LATENCY_HOPS = (
     "direct",
     "nginx",
@@ -102,7 +132,12 @@ LATENCY_HOPS = (
     "redis-first",
     "redis-replay",
     "observe-first",
+    "sentinel-first",
+    "cluster-first",
+    "acks-first",
 )
+# The time it takes to start a topology and to stop it again, for the estimate.
+TOPOLOGY_START_SECONDS = 5.0
 
 
 @dataclass
@@ -111,7 +146,8 @@ class Measurement:
     workers: int
     result: wrk.WrkResult | None = None
     hop_cpu: float | None = None  # CPU seconds of the hop under test
-    redis_cpu: float | None = None
+    redis_cpu: float | None = None  # of the store's data nodes (primaries and replicas)
+    sentinel_cpu: float | None = None
     upstream_cpu: float | None = None
     skipped: str | None = None
     log_level: str | None = None  # the proxy's; None for the other hops
@@ -169,10 +205,24 @@ class Placement:
     hop: str | None
     load: str | None
     wrk_threads: int
+    workers: int = 1
+    cpus: int = 1  # the CPUs this run may use
+
+    @property
+    def oversubscribed(self) -> bool:
+        """More hop processes than CPUs: they take turns on the cores (with wrk, the
+        upstream and Redis) instead of running side by side."""
+        return self.workers > self.cpus
 
     def describe(self) -> str:
         if self.hop is None:
-            return f"unpinned, wrk -t{self.wrk_threads}"
+            text = f"unpinned, wrk -t{self.wrk_threads}"
+            if self.oversubscribed:
+                text += (
+                    f"; {self.workers} hop processes on {self.cpus} CPUs (oversubscribed: "
+                    "they share the cores with each other and with the load side)"
+                )
+            return text
         return (
             f"hop on CPU {self.hop}; wrk -t{self.wrk_threads}, upstream, redis on CPU {self.load}"
         )
@@ -192,8 +242,10 @@ def placement(workers: int, pin: str, threads: int | None, quiet: bool) -> Place
     wanted = pin == "on" or (pin == "auto" and quiet)
     if wanted and workers == 1 and len(cpus) >= 2:
         load = cpus[1:]
-        return Placement(str(cpus[0]), ",".join(map(str, load)), threads or min(2, len(load)))
-    return Placement(None, None, threads or 2)
+        return Placement(
+            str(cpus[0]), ",".join(map(str, load)), threads or min(2, len(load)), 1, len(cpus)
+        )
+    return Placement(None, None, threads or 2, workers, len(cpus))
 
 
 def set_affinity(root: int, cpus: str | None) -> None:
@@ -297,9 +349,53 @@ class Run:
     upstream: Server
     redis: RedisServer | None
     proxy_workers_flag: bool
+    # The Redis set-ups running now, by `Case.store`: the run's own redis-server for the
+    # whole run, a topology only while its case runs (`topology`).
+    stores: dict[str, BenchStore] = field(default_factory=dict)
     results: list[Measurement] = field(default_factory=list)
     latency: dict[str, wrk.WrkResult] = field(default_factory=dict)
     profiles: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.redis is not None:
+            self.stores["redis"] = stores.standalone(self.redis)
+
+    @contextlib.contextmanager
+    def topology(self, case: Case, place: Placement) -> Iterator[None]:
+        """Run `case`'s topology (if it has one) for the time of the block: started on the
+        load side's CPUs, and every one of its processes killed at the end."""
+        start = stores.TOPOLOGIES.get(case.store or "")
+        if start is None or not self.runs_at(case, place.workers):
+            yield
+            return
+        print(f"  starting {case.store} for {case.name} ...", end="", flush=True)
+        began = time.monotonic()
+        with start() as store:
+            for node in store.processes:
+                set_affinity(node.pid, place.load)
+            print(f" {store.describe()}, {time.monotonic() - began:.1f}s", flush=True)
+            self.stores[store.kind] = store
+            try:
+                yield
+            finally:
+                del self.stores[store.kind]
+
+    def runs_at(self, case: Case, workers: int) -> bool:
+        return self.skip_reason(case, workers) is None
+
+    def skip_reason(self, case: Case, workers: int) -> str | None:
+        if case.hop == "proxy" and workers > 1 and not self.proxy_workers_flag:
+            return "idempotency-proxy has no --workers option yet"
+        if case.store == "memory" and workers > 1:
+            return "memory:// belongs to one process; the proxy refuses --workers > 1 with it"
+        return None
+
+    def store_of(self, case: Case) -> BenchStore | None:
+        if case.store in (None, "memory"):
+            return None
+        store = self.stores.get(case.store or "")
+        assert store is not None, f"{case.name}: its store ({case.store}) is not running"
+        return store
 
     def start_hop(
         self, case: Case, workers: int, cpus: str | None, level: str | None
@@ -310,33 +406,29 @@ class Run:
             return services.start_nginx_proxy(self.tmp, self.upstream, workers, cpus)
         if case.hop == "passthrough":
             return services.start_passthrough(self.tmp, self.upstream, workers, cpus)
-        if case.store == "redis":
-            assert self.redis is not None
-            self.redis.command("FLUSHALL", timeout=5)
-            store_url = self.redis.url
-        else:
-            store_url = "memory://"
+        store = self.store_of(case)
+        if store is not None:
+            store.flush()
         return services.start_proxy(
             self.tmp,
-            f"proxy-{case.name}-{workers}w",
+            f"proxy-{case.name}-{workers}w-{level or self.args.log_levels[0]}",
             self.upstream,
-            store_url,
+            store.url if store is not None else "memory://",
             workers,
             cpus,
             level or self.args.log_levels[0],
             self.proxy_workers_flag,
+            min_replicas_ack=case.min_replicas_ack,
         )
 
     def measure(
         self, case: Case, workers: int, place: Placement, level: str | None = None
     ) -> Measurement:
         m = Measurement(case.name, workers, log_level=level)
-        if case.hop == "proxy" and workers > 1 and not self.proxy_workers_flag:
-            m.skipped = "idempotency-proxy has no --workers option yet"
+        m.skipped = self.skip_reason(case, workers)
+        if m.skipped is not None:
             return m
-        if case.store == "memory" and workers > 1:
-            m.skipped = "memory:// belongs to one process; the proxy refuses --workers > 1 with it"
-            return m
+        store = self.store_of(case)
         hop = self.start_hop(case, workers, place.hop, level)
         # One-connection latency and profiles at the first log level only (the default).
         first_level = level in (None, self.args.log_levels[0])
@@ -364,24 +456,27 @@ class Run:
 
             if self.args.warmup > 0:  # pools filled, code paths warm; not counted
                 load(self.args.warmup, self.args.connections, place.wrk_threads, "w")
-            cpu_roots = {"hop": target.pid, "upstream": self.upstream.pid}
-            if self.redis is not None and case.store == "redis":
-                cpu_roots["redis"] = self.redis.pid
-            before = {k: services.cpu_ticks(pid) for k, pid in cpu_roots.items()}
+            cpu_roots = {"hop": [target.pid], "upstream": [self.upstream.pid]}
+            primaries: list[int] = []
+            calls_before: dict[str, int] = {}
+            if store is not None:
+                cpu_roots["redis"] = [node.pid for node in store.data]
+                if store.others:
+                    cpu_roots["sentinels"] = [node.pid for node in store.others]
+                primaries = store.primaries()
+                calls_before = store.calls()
+            before = {k: services.cpu_ticks(*pids) for k, pids in cpu_roots.items()}
             machine_before = services.cpu_busy()
             wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             m.result = load(self.args.duration, self.args.connections, place.wrk_threads, "m")
             wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
             machine_after = services.cpu_busy()
             used = {
-                k: services.cpu_seconds_between(before[k], services.cpu_ticks(pid))
-                for k, pid in cpu_roots.items()
+                k: services.cpu_seconds_between(before[k], services.cpu_ticks(*pids))
+                for k, pids in cpu_roots.items()
             }
-            m.hop_cpu, m.upstream_cpu, m.redis_cpu = (
-                used["hop"],
-                used["upstream"],
-                used.get("redis"),
-            )
+            m.hop_cpu, m.upstream_cpu = used["hop"], used["upstream"]
+            m.redis_cpu, m.sentinel_cpu = used.get("redis"), used.get("sentinels")
             m.extra["wrk_cpu_per_request"] = m.per_request(
                 wrk_after.ru_utime + wrk_after.ru_stime - wrk_before.ru_utime - wrk_before.ru_stime
             )
@@ -393,10 +488,18 @@ class Run:
                 m.extra["load_cpus_busy"] = services.busy_share(
                     machine_before, machine_after, load_cpus
                 )
-            if case.store == "redis" and self.redis is not None:
-                m.extra["redis_keys"] = int(
-                    self.redis.command("DBSIZE", timeout=5).strip().lstrip(b":")
-                )
+            if store is not None:
+                m.extra["store"] = store.describe()
+                m.extra["redis_calls_per_request"] = {
+                    command: round(count / m.result.requests, 3)
+                    for command, count in calls_between(calls_before, store.calls()).items()
+                }
+                m.extra["redis_keys"] = store.keys()
+                if store.primaries() != primaries:  # a failover: not the set-up measured
+                    raise RuntimeError(
+                        f"{case.name}: the {store.kind} primaries changed during the run "
+                        f"({primaries} -> {store.primaries()})"
+                    )
             if hop is not None and not hop.alive():
                 raise RuntimeError(f"{hop.name} died during the run:\n{hop.log_tail()}")
 
@@ -420,8 +523,8 @@ class Run:
         finally:
             if hop is not None:
                 hop.stop()
-            if case.store == "redis" and self.redis is not None:
-                self.redis.command("FLUSHALL", timeout=5)
+            if store is not None:
+                store.flush()
         return m
 
     def profile(self, case: Case, hop: Server, load: Callable[[float], wrk.WrkResult]) -> None:
@@ -619,6 +722,7 @@ def to_json(run: Run, rtt: dict[str, float] | None, meta: dict[str, Any]) -> dic
                 "hop_cpu_seconds": m.hop_cpu,
                 "hop_cpu_per_request": m.per_request(m.hop_cpu),
                 "redis_cpu_per_request": m.per_request(m.redis_cpu),
+                "sentinel_cpu_per_request": m.per_request(m.sentinel_cpu),
                 "upstream_cpu_per_request": m.per_request(m.upstream_cpu),
                 **m.extra,
             }
@@ -659,11 +763,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="wrk -t (default: 1 when pinned on 2 cores, else 2)",
     )
-    parser.add_argument("--workers", default="1,2", help="process counts (default 1,2)")
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="process counts of every hop, comma-separated, e.g. 1,2,4 (default 1,2; more "
+        "than the machine's CPUs share them: see the placement line)",
+    )
     parser.add_argument(
         "--only",
-        default=",".join(CASE_NAMES),
-        help=f"cases to run, comma-separated: {','.join(CASE_NAMES)}",
+        default=",".join(DEFAULT_CASES),
+        help=f"cases to run, comma-separated (default {','.join(DEFAULT_CASES)}); also: "
+        + ",".join(c for c in CASE_NAMES if c not in DEFAULT_CASES)
+        + " (each starts a Redis topology of its own)",
     )
     parser.add_argument(
         "--pin",
@@ -694,7 +805,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = parser.parse_args(argv)
-    args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error(f"--workers: expected counts like 1,2,4, got {args.workers!r}")
+    if not args.workers or min(args.workers) < 1 or len(set(args.workers)) < len(args.workers):
+        parser.error(f"--workers: expected distinct counts >= 1 like 1,2,4, got {args.workers}")
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in args.only if c not in CASE_NAMES]
     if unknown:
@@ -706,14 +822,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def calls_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The store commands run between two `BenchStore.calls`, but the bench's own INFO."""
+    return {
+        command: count - before.get(command, 0)
+        for command, count in sorted(after.items())
+        if command != "info" and count > before.get(command, 0)
+    }
+
+
+def interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def measure_and_show(
+    run: Run, case: Case, workers: int, place: Placement, level: str | None
+) -> None:
+    name = case.name if level is None else f"{case.name} @ {level}"
+    print(f"  {name}, {workers} worker(s) ...", end="", flush=True)
+    m = run.measure(case, workers, place, level)
+    run.results.append(m)
+    if m.result is not None:
+        print(
+            f" {m.result.rps:,.0f} req/s, p50 {ms(m.result.p50)}"
+            + (f", {m.result.errors} errors" if m.result.errors else ""),
+            flush=True,
+        )
+    else:
+        print(f" skipped: {m.skipped}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_tools()
     cases = [c for c in CASES if c.name in args.only]
     per_case = args.warmup + args.duration + 1.5
     runs = sum(len(args.log_levels) if c.hop == "proxy" else 1 for c in cases)
+    topologies = len([c for c in cases if c.store in stores.TOPOLOGIES])
     estimate = (
         runs * len(args.workers) * per_case
+        + topologies * len(args.workers) * TOPOLOGY_START_SECONDS
         + (
             len([c for c in cases if c.name in LATENCY_HOPS]) * args.latency_duration
             if 1 in args.workers
@@ -728,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    # Every process of the run is stopped on the way out; a SIGTERM or SIGHUP (not only
+    # Ctrl-C) must take that way too instead of ending the bench with its servers running.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     tmp = Path(tempfile.mkdtemp(prefix="idempotency-bench-"))
     upstream = redis = None
     started = time.monotonic()
@@ -760,20 +912,10 @@ def main(argv: list[str] | None = None) -> int:
                 if rtt is None:
                     rtt = redis_round_trip(redis.url, place.hop)
             for case in cases:
-                # Proxy cases once per log level, back to back, so that they compare.
-                for level in args.log_levels if case.hop == "proxy" else [None]:
-                    name = case.name if level is None else f"{case.name} @ {level}"
-                    print(f"  {name}, {workers} worker(s) ...", end="", flush=True)
-                    m = run.measure(case, workers, place, level)
-                    run.results.append(m)
-                    if m.result is not None:
-                        print(
-                            f" {m.result.rps:,.0f} req/s, p50 {ms(m.result.p50)}"
-                            + (f", {m.result.errors} errors" if m.result.errors else ""),
-                            flush=True,
-                        )
-                    else:
-                        print(f" skipped: {m.skipped}", flush=True)
+                with run.topology(case, place):
+                    # Proxy cases once per log level, back to back, so that they compare.
+                    for level in args.log_levels if case.hop == "proxy" else [None]:
+                        measure_and_show(run, case, workers, place, level)
     finally:
         for server in (upstream, redis):
             if server is not None:
@@ -803,7 +945,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{' and '.join(args.log_levels)} (`case @ level`); (x) = ratio to the bare "
         "pass-through with the same workers;"
     )
-    print("hop CPU = the hop's processes (all workers), per request and as % of one core.")
+    print(
+        "hop CPU = the hop's processes (all workers), per request and as % of one core; "
+        "redis = the store's data nodes (primaries and replicas, every Cluster master; "
+        "sentinels apart, in --json)."
+    )
     for workers, text in placements.items():
         print(f"placement, {workers} worker(s): {text}")
     print(

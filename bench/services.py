@@ -9,6 +9,7 @@ descendants (nginx and multi-worker proxies fork their workers).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.ports import free_port
 from tests.support.processes import kill_tree, parent_and_cpu, process_tree
-from tests.support.proxies import REPO, ProxyProcess
+from tests.support.proxies import REPO, START_TIMEOUT, ProxyProcess
 from tests.support.redis_server import RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -37,13 +39,15 @@ def pinned(cpus: str | None, argv: list[str]) -> list[str]:
 # --- CPU accounting ---------------------------------------------------------------------
 
 
-def cpu_ticks(root: int) -> dict[int, int]:
-    """CPU ticks used so far by each process of `root`'s tree."""
+def cpu_ticks(*roots: int) -> dict[int, int]:
+    """CPU ticks used so far by each process of the trees of `roots` (several redis-servers
+    of one topology count as one store)."""
     ticks = {}
-    for pid in process_tree(root):
-        stat = parent_and_cpu(pid)
-        if stat is not None:
-            ticks[pid] = stat[1]
+    for root in roots:
+        for pid in process_tree(root):
+            stat = parent_and_cpu(pid)
+            if stat is not None:
+                ticks[pid] = stat[1]
     return ticks
 
 
@@ -101,14 +105,20 @@ class Server:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL for the tree after `timeout`; a worker that outlived its
+        parent (orphaned, so no longer in the tree) is killed too."""
         if self.process.poll() is not None:
             return
+        children = process_tree(self.pid)[1:]
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             kill_tree(self.pid)
             self.process.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _spawn(
@@ -122,6 +132,18 @@ def _spawn(
         return subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, stdin=subprocess.DEVNULL
         )
+
+
+@contextlib.contextmanager
+def killed_unless_ready(server: Server) -> Iterator[None]:
+    """Kill `server`'s tree if waiting for it fails (or is interrupted): nobody else holds
+    it yet to stop it."""
+    try:
+        yield
+    except BaseException:
+        kill_tree(server.pid)
+        server.process.wait()
+        raise
 
 
 def wait_http(server: Server, path: str, method: str = "GET", timeout: float = 15.0) -> None:
@@ -193,7 +215,8 @@ def start_upstream(tmp: Path, cpus: str | None, workers: int = 2) -> Server:
         }}
     }}"""
     server = _nginx("upstream", workers, body, port, tmp, cpus)
-    wait_http(server, "/")
+    with killed_unless_ready(server):
+        wait_http(server, "/")
     return server
 
 
@@ -214,7 +237,8 @@ def start_nginx_proxy(tmp: Path, upstream: Server, workers: int, cpus: str | Non
         }}
     }}"""
     server = _nginx(f"nginx-proxy-{workers}w", workers, body, port, tmp, cpus)
-    wait_http(server, "/")
+    with killed_unless_ready(server):
+        wait_http(server, "/")
     return server
 
 
@@ -238,7 +262,9 @@ def start_passthrough(tmp: Path, upstream: Server, workers: int, cpus: str | Non
         log,
         url=f"http://127.0.0.1:{port}",
     )
-    wait_http(server, "/ready")
+    with killed_unless_ready(server):
+        wait_http(server, "/ready")
+        wait_listening(server, workers)
     return server
 
 
@@ -255,17 +281,23 @@ def proxy_supports_workers() -> bool:
 
 
 def proxy_config(
-    port: int, admin_port: int, upstream: Server, store_url: str, log_level: str
+    port: int,
+    admin_port: int,
+    upstream: Server,
+    store_url: str,
+    log_level: str,
+    min_replicas_ack: int = 0,
 ) -> str:
     """The bench's proxy config: `/open/*` streams POSTs through, `/pay/*` protects them,
     `/observe/*` observes them (mode: observe)."""
+    acks = f", min_replicas_ack: {min_replicas_ack}" if min_replicas_ack else ""
     return f"""# written by bench/harness.py
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin_port}
 upstream: {upstream.url}
 log_level: {log_level}
 shutdown_grace: 2s
-store: {{url: "{store_url}", max_records: 2000000, max_bytes: 4GiB}}
+store: {{url: "{store_url}", max_records: 2000000, max_bytes: 4GiB{acks}}}
 routes:
   # Only PATCH is protected here, so the benchmark's POSTs take the unprotected path
   # with exactly the same bytes on the wire as the protected cases.
@@ -286,11 +318,16 @@ def start_proxy(
     log_level: str,
     pass_workers: bool,
     extra_config: str = "",
+    min_replicas_ack: int = 0,
 ) -> Server:
-    """The bench's proxy (`proxy_config`, with `extra_config` YAML appended) as a process."""
+    """The bench's proxy (`proxy_config`, with `extra_config` YAML appended) as a process,
+    once every worker listens."""
     port, admin_port = free_port(), free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(proxy_config(port, admin_port, upstream, store_url, log_level) + extra_config)
+    config.write_text(
+        proxy_config(port, admin_port, upstream, store_url, log_level, min_replicas_ack)
+        + extra_config
+    )
     # The proxy's JSON log lines (stderr) land in its log; the bench config is the whole
     # truth (the caller's IDEMPOTENCY_PROXY_* variables are left out).
     proxy = ProxyProcess(
@@ -304,8 +341,37 @@ def start_proxy(
     server = Server(
         name, port, proxy.process, proxy.log_path, url=proxy.url, extra={"config": str(config)}
     )
-    wait_http(server, "/open/ready", method="POST")
+    # Every worker imports the proxy on its own: on a busy 2-core machine 4 of them took
+    # more than 15 s to listen.
+    timeout = START_TIMEOUT * max(1.0, workers / 2)
+    with killed_unless_ready(server):
+        wait_http(server, "/open/ready", method="POST", timeout=timeout)
+        if pass_workers:  # one answered; the others may still be importing
+            wait_listening(server, workers, timeout)
     return server
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:`port` (with SO_REUSEPORT, one per process)."""
+    local = f"0100007F:{port:04X}"  # /proc/net/tcp: address and port in hex
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # state LISTEN
+            count += 1
+    return count
+
+
+def wait_listening(server: Server, workers: int, timeout: float = 30.0) -> None:
+    """Wait until each of `workers` processes listens on the port: a worker that is still
+    starting would leave the first seconds of the run to the others."""
+    deadline = time.monotonic() + timeout
+    while (count := listening_sockets(server.port)) < workers:
+        if not server.alive() or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{server.name}: {count} of {workers} processes listening\n{server.log_tail()}"
+            )
+        time.sleep(0.05)
 
 
 def start_redis(tmp: Path, cpus: str | None, *extra: str, name: str = "redis") -> RedisServer:

@@ -1,4 +1,5 @@
-"""Real Redis topologies on loopback: a Sentinel group and a Cluster, owned by the caller.
+"""Real Redis topologies on loopback: a Sentinel group, a Cluster and a primary with
+replicas, owned by the caller.
 
 A store that claims to follow a Sentinel switch or a Cluster failover must be shown doing
 it against real servers. These launchers start redis-server processes on free loopback
@@ -11,6 +12,8 @@ benchmark and soak in `bench/` use the same ones.
   so a failover completes within a few seconds instead of waiting for discovery.
 - `ClusterNodes`: a Cluster of three masters, optionally each with replicas, created with
   `redis-cli --cluster create` and waited on until every node says `cluster_state:ok`.
+- `ReplicatedPrimary`: a standalone primary and its replicas, no sentinels: what
+  `store.min_replicas_ack` (`WAIT`) needs, started only once the replicas acknowledge writes.
 """
 
 from __future__ import annotations
@@ -195,14 +198,24 @@ def _sentinel_config(
     return lines
 
 
+def primary_and_replicas(directory: Path, replicas: int) -> list[RedisServer]:
+    """A primary and `replicas` replicas of it (not started yet): [primary, *replicas]."""
+    primary = data_node(directory / "primary")
+    replicaof = f"replicaof 127.0.0.1 {primary.port}"
+    return [primary, *(data_node(directory / f"replica{i}", replicaof) for i in range(replicas))]
+
+
+def wait_replicas_linked(data: Sequence[RedisServer]) -> None:
+    """Wait until every replica of `data` ([primary, *replicas]) has its link up."""
+    for replica in data[1:]:
+        with client(replica.port) as c:
+            wait_until(partial(replica_linked, c), _START_TIMEOUT, "the replicas to sync")
+
+
 def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
     """Start the group and wait until the replicas are in sync and the sentinels see it all."""
     group = SentinelGroup(directory)
-    primary = data_node(directory / "primary")
-    group.data = [primary]
-    for index in range(replicas):
-        replicaof = f"replicaof 127.0.0.1 {primary.port}"
-        group.data.append(data_node(directory / f"replica{index}", replicaof))
+    group.data = primary_and_replicas(directory, replicas)
     ids = [os.urandom(20).hex() for _ in range(3)]
     ports = [free_port() for _ in range(3)]
     for index, port in enumerate(ports):
@@ -211,9 +224,7 @@ def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
         group.sentinels.append(Sentinel(home, port, config, log=home / "server.log"))
     try:
         start_all([*group.data, *group.sentinels])
-        for replica in group.data[1:]:
-            with client(replica.port) as c:
-                wait_until(partial(replica_linked, c), _START_TIMEOUT, "the replicas to sync")
+        wait_replicas_linked(group.data)
         for sentinel in group.sentinels:
             with client(sentinel.port) as c:
 
@@ -359,3 +370,53 @@ def start_cluster(directory: Path, replicas: int) -> ClusterNodes:
 
 def cluster(replicas: int) -> AbstractContextManager[ClusterNodes]:
     return _running(lambda directory: start_cluster(directory, replicas))
+
+
+@dataclass
+class ReplicatedPrimary:
+    """A standalone primary and its replicas (no sentinels): the proxy is given the
+    primary's `redis://` URL, and `min_replicas_ack` makes its writes wait for replicas."""
+
+    directory: Path
+    data: list[RedisServer] = field(default_factory=list)  # [primary, *replicas]
+
+    @property
+    def url(self) -> str:
+        return self.data[0].url
+
+    def flush(self) -> None:
+        with client(self.data[0].port) as c:
+            c.flushall()
+
+    def stop(self) -> None:
+        for node in self.data:
+            node.kill()
+
+
+def acknowledged(c: redis.Redis, replicas: int) -> bool:
+    """Whether `replicas` replicas acknowledge a write to the primary `c` talks to."""
+    c.set("topology:ack-probe", "1", px=1000)
+    return bool(c.wait(replicas, 100) >= replicas)
+
+
+def start_replicated(directory: Path, replicas: int) -> ReplicatedPrimary:
+    """Start a primary and its replicas; wait until the replicas acknowledge writes (a
+    fresh replica may take up to a second to send its first acknowledgement, which `WAIT`
+    needs)."""
+    topology = ReplicatedPrimary(directory, primary_and_replicas(directory, replicas))
+    try:
+        start_all(topology.data)
+        wait_replicas_linked(topology.data)
+        with client(topology.data[0].port) as c:
+            wait_until(
+                partial(acknowledged, c, replicas), _START_TIMEOUT, "the replicas to acknowledge"
+            )
+            c.delete("topology:ack-probe")
+    except BaseException:
+        topology.stop()
+        raise
+    return topology
+
+
+def replicated_primary(replicas: int = 1) -> AbstractContextManager[ReplicatedPrimary]:
+    return _running(lambda directory: start_replicated(directory, replicas))
