@@ -294,6 +294,7 @@ def test_check_config_and_run_never_print_a_secret(tmp_path: Path) -> None:
         assert SECRET not in result.stdout + result.stderr, (args, result.stderr)
 
 
+@pytest.mark.timeout(90)  # two command-line starts: slow on a loaded 2-core machine
 def test_check_config_command(tmp_path: Path) -> None:
     """check-config exits 0 on a valid file and 1 with every problem on a broken one."""
     good = subprocess.run(

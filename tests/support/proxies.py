@@ -48,7 +48,10 @@ def raw_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
         "listen": f"{LOOPBACK}:0",
         "admin_listen": f"{LOOPBACK}:0",
         "upstream": upstream_url,
-        "store": {"url": "memory://"},
+        # A store call may take this long before it counts as failed: 4x the default, so that
+        # a machine at a load of 10 does not turn a behaviour test into a store-outage test
+        # (the fault tests set their own).
+        "store": {"url": "memory://", "timeout": "2s"},
         "shutdown_grace": "5s",
         "routes": [{"path": "/*", "id": "all"}],
     }
