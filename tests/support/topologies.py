@@ -19,7 +19,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -244,13 +244,16 @@ _START_ATTEMPTS = 3
 
 
 @contextmanager
-def _running(start: Callable[[Path], _T]) -> Iterator[_T]:
-    """Start a topology in a temporary directory (again, on fresh ports, if a node exited
-    while starting); kill its processes at the end."""
-    with tempfile.TemporaryDirectory() as directory:
+def _running(start: Callable[[Path], _T], keep_in: Path | None = None) -> Iterator[_T]:
+    """Start a topology in a temporary directory, or in `keep_in` whose files (the nodes'
+    logs) outlive it (again, on fresh ports, if a node exited while starting); kill its
+    processes at the end."""
+    with ExitStack() as stack:
+        if keep_in is None:
+            keep_in = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for attempt in range(1, _START_ATTEMPTS + 1):
             try:
-                topology = start(Path(directory) / f"attempt{attempt}")
+                topology = start(keep_in / f"attempt{attempt}")
                 break
             except NodeExited:
                 if attempt == _START_ATTEMPTS:
@@ -261,8 +264,10 @@ def _running(start: Callable[[Path], _T]) -> Iterator[_T]:
             topology.stop()
 
 
-def sentinel_group(replicas: int = 1) -> AbstractContextManager[SentinelGroup]:
-    return _running(lambda directory: start_sentinel_group(directory, replicas))
+def sentinel_group(
+    replicas: int = 1, keep_in: Path | None = None
+) -> AbstractContextManager[SentinelGroup]:
+    return _running(lambda directory: start_sentinel_group(directory, replicas), keep_in)
 
 
 @dataclass
