@@ -30,6 +30,7 @@ from bench.soak_load import key_lifetime
 from bench.soak_report import Summary, describe_store, print_comparison, report
 from bench.soak_run import Soak
 from tests.support.ports import free_port
+from tests.support.topologies import DOWN_AFTER_MS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,9 +110,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --store sentinel: seconds between primary SIGKILLs (0: never)",
     )
     group.add_argument(
+        "--down-after-ms",
+        type=int,
+        default=DOWN_AFTER_MS,
+        help="with --store sentinel: the sentinels' down-after-milliseconds",
+    )
+    group.add_argument(
         "--min-replicas-ack",
         type=int,
-        choices=(0, 1),
+        choices=(0, 1, 2),
         help="the proxies' store.min_replicas_ack (--store sentinel only; default 1 there)",
     )
     group.add_argument(
@@ -196,7 +203,8 @@ async def soak_main(args: argparse.Namespace) -> int:
     print()
     print(
         f"## Failover soak, side by side: {args.requests:,} requests each, seed {args.seed}, "
-        f"a primary SIGKILLed every {args.failover_every:g} s"
+        f"a primary SIGKILLed every {args.failover_every:g} s, down-after-milliseconds "
+        f"{args.down_after_ms}"
     )
     print()
     print_comparison(runs)

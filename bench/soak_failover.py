@@ -177,7 +177,7 @@ class SoakSentinel:
         return self.probe.gaps if self.probe is not None else []
 
     async def launch(self) -> None:
-        group = sentinel_group(REPLICAS, keep_in=self.directory / "sentinel")
+        group = sentinel_group(REPLICAS, self.directory / "sentinel", self.args.down_after_ms)
         self.group = await asyncio.to_thread(self._stack.enter_context, group)
         self.probe = WriteProbe(self.group, self.args.min_replicas_ack, self.args.store_timeout)
 

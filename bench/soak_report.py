@@ -128,8 +128,8 @@ class Summary:
 def describe_store(args: argparse.Namespace) -> str:
     if args.store == "sentinel":
         return (
-            f"Sentinel group (primary + 2 replicas + 3 sentinels), "
-            f"min_replicas_ack {args.min_replicas_ack}"
+            f"Sentinel group (primary + 2 replicas + 3 sentinels, down-after "
+            f"{args.down_after_ms} ms), min_replicas_ack {args.min_replicas_ack}"
         )
     return f"Redis persistence: {args.redis_persistence}"
 

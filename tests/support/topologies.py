@@ -177,13 +177,13 @@ class SentinelGroup:
 
 
 def _sentinel_config(
-    group: SentinelGroup, ports: list[int], index: int, ids: list[str]
+    group: SentinelGroup, ports: list[int], index: int, ids: list[str], down_after_ms: int
 ) -> list[str]:
     primary, *replicas = group.data
     lines = [
         f"sentinel myid {ids[index]}",
         f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
-        f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
+        f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}",
         f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
         f"sentinel parallel-syncs {SERVICE} 1",
     ]
@@ -195,7 +195,9 @@ def _sentinel_config(
     return lines
 
 
-def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
+def start_sentinel_group(
+    directory: Path, replicas: int = 1, down_after_ms: int = DOWN_AFTER_MS
+) -> SentinelGroup:
     """Start the group and wait until the replicas are in sync and the sentinels see it all."""
     group = SentinelGroup(directory)
     primary = data_node(directory / "primary")
@@ -206,7 +208,7 @@ def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
     ids = [os.urandom(20).hex() for _ in range(3)]
     ports = [free_port() for _ in range(3)]
     for index, port in enumerate(ports):
-        config = _sentinel_config(group, ports, index, ids)
+        config = _sentinel_config(group, ports, index, ids, down_after_ms)
         home = directory / f"sentinel{index}"
         group.sentinels.append(Sentinel(home, port, config, log=home / "server.log"))
     try:
@@ -265,9 +267,11 @@ def _running(start: Callable[[Path], _T], keep_in: Path | None = None) -> Iterat
 
 
 def sentinel_group(
-    replicas: int = 1, keep_in: Path | None = None
+    replicas: int = 1, keep_in: Path | None = None, down_after_ms: int = DOWN_AFTER_MS
 ) -> AbstractContextManager[SentinelGroup]:
-    return _running(lambda directory: start_sentinel_group(directory, replicas), keep_in)
+    return _running(
+        lambda directory: start_sentinel_group(directory, replicas, down_after_ms), keep_in
+    )
 
 
 @dataclass
