@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis-restart-every",
         type=float,
         default=20.0,
-        help="seconds between Redis SIGKILL+restarts (0: never)",
+        help="with --store redis: seconds between Redis SIGKILL+restarts (0: never)",
     )
     group.add_argument("--redis-down", type=float, default=0.5, help="seconds Redis stays down")
     group.add_argument("--redis-persistence", choices=("aof", "none"), default="aof")
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--min-replicas-ack",
         type=int,
         choices=(0, 1, 2),
-        help="the proxies' store.min_replicas_ack (--store sentinel only; default 1 there)",
+        help="the proxies' store.min_replicas_ack (None: 1 with --store sentinel, else 0)",
     )
     group.add_argument(
         "--compare-acks",

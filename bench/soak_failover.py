@@ -306,15 +306,21 @@ class SwitchCost:
         return start <= first_execution <= self.moment + ATTRIBUTION_SLACK
 
 
+def _same(switch: Switch, gap: Gap) -> bool:
+    """Whether the probe's `gap` is the soak's `switch`: the same ports, and the old primary's
+    last acknowledgement shortly before the SIGKILL (a sentinel can move the primary between
+    the same two nodes by itself, too)."""
+    ports = (gap.old_port, gap.new_port) == (switch.old_port, switch.new_port)
+    return ports and switch.killed_at - 10.0 <= gap.last_ack <= switch.killed_at + 0.5
+
+
 def switch_costs(store: SoakSentinel) -> list[SwitchCost]:
     """Every change of primary, in order: the soak's switches with the probe's gap for the
     same ports, and the gaps no SIGKILL of the soak's explains."""
     gaps = list(store.gaps)
     costs = []
     for switch in store.switches:
-        ports = (switch.old_port, switch.new_port)
-        index = next((i for i, gap in enumerate(gaps) if (gap.old_port, gap.new_port) == ports),
-                     None)  # fmt: skip
+        index = next((i for i, gap in enumerate(gaps) if _same(switch, gap)), None)
         if index is None:
             costs.append(SwitchCost(switch, None))
             continue
