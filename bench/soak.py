@@ -1,12 +1,15 @@
 """The soak: prove "at most once per key" under faults, and count what it cost.
 
-`bench/soak` runs this (`python -m bench.soak` from the repository root): a redis-server,
-the counting upstream, one or two proxies sharing that Redis, and client drivers in separate
-processes, all on 127.0.0.1 and all its own. The drivers send a bounded number of requests
-(`soak_load`) while faults run on a schedule (`soak_faults`); the orchestrator
-(`soak_run`) collects, and the report (`soak_report`) decides from the upstream's
-execution count per key. The exit status is 1 when there was any duplicate (or a
-consistency check failed), 2 when the run was cut short.
+`bench/soak` runs this (`python -m bench.soak` from the repository root): a redis-server
+(or, with `--store sentinel`, a Sentinel group: `soak_failover`), the counting upstream, one
+or two proxies sharing that store, and client drivers in separate processes, all on
+127.0.0.1 and all its own. The drivers send a bounded number of requests (`soak_load`) while
+faults run on a schedule (`soak_faults`); the orchestrator (`soak_run`) collects, and the
+report (`soak_report`) decides from the upstream's execution count per key. The exit status
+is 1 when there was any duplicate (or a consistency check failed), 2 when the run was cut
+short. `--compare-acks` runs the failover mode twice, `min_replicas_ack` 0 then 1, and sets
+their figures side by side; its status is that of the second run, and of the first only
+when something besides duplicates failed there.
 
 Requests are counted as HTTP attempts (every retry is one). `bench/soak --help` for options.
 """
@@ -21,11 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.soak_faults import SoakRedis, make_proxies
+from bench.soak_failover import SoakSentinel
+from bench.soak_faults import SoakRedis, SoakStore
 from bench.soak_load import key_lifetime
-from bench.soak_report import report
+from bench.soak_report import Summary, describe_store, print_comparison, report
 from bench.soak_run import Soak
 from tests.support.ports import free_port
+from tests.support.topologies import DOWN_AFTER_MS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,10 +92,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis-restart-every",
         type=float,
         default=20.0,
-        help="seconds between Redis SIGKILL+restarts (0: never)",
+        help="with --store redis: seconds between Redis SIGKILL+restarts (0: never)",
     )
     group.add_argument("--redis-down", type=float, default=0.5, help="seconds Redis stays down")
     group.add_argument("--redis-persistence", choices=("aof", "none"), default="aof")
+    group.add_argument(
+        "--store",
+        choices=("redis", "sentinel"),
+        default="redis",
+        help="one redis-server, restarted; or a Sentinel group (primary, 2 replicas, 3 "
+        "sentinels) whose primary is SIGKILLed and failed over",
+    )
+    group.add_argument(
+        "--failover-every",
+        type=float,
+        default=15.0,
+        help="with --store sentinel: seconds between primary SIGKILLs (0: never)",
+    )
+    group.add_argument(
+        "--down-after-ms",
+        type=int,
+        default=DOWN_AFTER_MS,
+        help="with --store sentinel: the sentinels' down-after-milliseconds",
+    )
+    group.add_argument(
+        "--min-replicas-ack",
+        type=int,
+        choices=(0, 1, 2),
+        help="the proxies' store.min_replicas_ack (None: 1 with --store sentinel, else 0)",
+    )
+    group.add_argument(
+        "--compare-acks",
+        action="store_true",
+        help="--store sentinel twice, min_replicas_ack 0 then 1, same seed and requests",
+    )
     group.add_argument(
         "--proxy-kill-every",
         type=float,
@@ -109,6 +144,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--proxy-source", type=Path, help="run `python -m proxy` from this checkout instead")
     add("--keep", action="store_true", help="keep the temp dir (logs, AOF) afterwards")
     args = parser.parse_args(argv)
+    if args.compare_acks:
+        args.store = "sentinel"
+    if args.store == "redis" and args.min_replicas_ack:
+        parser.error("--min-replicas-ack needs replicas: --store sentinel")
+    if args.min_replicas_ack is None:
+        args.min_replicas_ack = 1 if args.store == "sentinel" else 0
+    args.store_fault_every = (
+        args.failover_every if args.store == "sentinel" else args.redis_restart_every
+    )
     if args.requests < 1 or args.drivers < 1 or args.concurrency < args.drivers:
         parser.error("--requests, --drivers and --concurrency must be positive")
     if not args.client_timeout < args.upstream_timeout:
@@ -120,31 +164,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def soak_main(args: argparse.Namespace) -> int:
+def make_store(args: argparse.Namespace, directory: Path) -> SoakStore:
+    if args.store == "sentinel":
+        return SoakSentinel(directory, args)
+    return SoakRedis.create(directory, args.redis_persistence, args.redis_down)
+
+
+async def soak_once(args: argparse.Namespace) -> Summary:
     directory = Path(tempfile.mkdtemp(prefix="idempotency-soak-"))
-    redis = SoakRedis.create(directory, args.redis_persistence)
-    upstream_port = free_port()
-    upstream_url = f"http://127.0.0.1:{upstream_port}"
-    proxies, code = make_proxies(args, directory, upstream_url, redis.url)
-    soak = Soak(args, directory, f"soak{os.urandom(3).hex()}", redis, proxies, upstream_port)
-    soak.code = code
+    store = make_store(args, directory)
+    soak = Soak(args, directory, f"soak{os.urandom(3).hex()}", store, free_port())
     print(
         f"soak: {args.requests:,} requests, {args.proxies} proxies, {args.drivers} drivers, "
-        f"redis persistence {args.redis_persistence}; work dir {directory}",
+        f"{describe_store(args)}; work dir {directory}",
         file=sys.stderr,
         flush=True,
     )
-    status = 3
+    summary = Summary(3, False)
     try:
         result = await soak.run()
-        status = report(args, soak, result)
+        summary = report(args, soak, result)
     finally:
         soak.stop_all()
-        if args.keep or status != 0 or soak.findings:
+        if args.keep or summary.status != 0 or soak.findings:
             print(f"soak: logs and data kept in {directory}", file=sys.stderr)
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    return status
+    return summary
+
+
+async def soak_main(args: argparse.Namespace) -> int:
+    if not args.compare_acks:
+        return (await soak_once(args)).status
+    runs = []
+    for acks in (0, 1):
+        run_args = argparse.Namespace(**{**vars(args), "min_replicas_ack": acks})
+        runs.append((f"min_replicas_ack {acks}", await soak_once(run_args)))
+    print()
+    print(
+        f"## Failover soak, side by side: {args.requests:,} requests each, seed {args.seed}, "
+        f"a primary SIGKILLed every {args.failover_every:g} s, down-after-milliseconds "
+        f"{args.down_after_ms}"
+    )
+    print()
+    print_comparison(runs)
+    (_, without), (_, with_ack) = runs
+    if without.status == 2 or not without.clean:
+        return max(without.status, with_ack.status, 1)
+    return with_ack.status
 
 
 def main(argv: list[str] | None = None) -> int:

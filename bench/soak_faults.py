@@ -1,10 +1,12 @@
 """The processes the soak runs and the faults it inflicts on them.
 
-Redis is the run's own redis-server with an append-only file fsynced on every write (so a
-restart reloads the records; `--redis-persistence none` shows what happens without), and it
-is SIGKILLed and restarted on a schedule. With two proxies or more, one of them is SIGKILLed
-and restarted on another schedule; its counters are scraped first, because they die with
-it. The upstream (`soak_upstream.py`) misbehaves by itself, per request, seeded.
+The store (`SoakStore`) is by default the run's own redis-server with an append-only file
+fsynced on every write (so a restart reloads the records; `--redis-persistence none` shows
+what happens without), and it is SIGKILLed and restarted on a schedule; with `--store
+sentinel` it is a Sentinel group whose primary is SIGKILLed instead (`soak_failover.py`).
+With two proxies or more, one of them is SIGKILLed and restarted on another schedule; its
+counters are scraped first, because they die with it. The upstream (`soak_upstream.py`)
+misbehaves by itself, per request, seeded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
@@ -41,17 +44,69 @@ def fail(message: str) -> None:
     print(f"soak: {message}", file=sys.stderr, flush=True)
 
 
+class SoakStore(Protocol):
+    """The store the proxies share, and the fault the soak inflicts on it on a schedule."""
+
+    @property
+    def url(self) -> str:
+        """The proxies' `store.url` (known once launched)."""
+        ...
+
+    @property
+    def faults(self) -> int:
+        """Faults inflicted so far (restarts, or failovers)."""
+        ...
+
+    @property
+    def down_seconds(self) -> float:
+        """Time the store refused writes over all faults, as far as it was measured."""
+        ...
+
+    async def launch(self) -> None:
+        """Start it and wait until it takes writes."""
+
+    async def fault(self) -> None:
+        """Inflict one fault and wait until the store is whole again."""
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Measure what the faults cost a writer, until `stop` (or return at once)."""
+
+    def primary_port(self) -> int:
+        """The port of the node that takes writes now (to read the records at the end)."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL every process of it."""
+
+
 @dataclass
 class SoakRedis(RedisServer):
     """The soak's redis-server, counting its restarts and how long it was down."""
 
     restarts: int = 0
     down_seconds: float = 0.0
+    down: float = 0.5  # seconds it stays down at each restart
 
     @classmethod
-    def create(cls, directory: Path, persistence: str) -> SoakRedis:
+    def create(cls, directory: Path, persistence: str, down: float) -> SoakRedis:
         config = AOF if persistence == "aof" else ()
-        return cls(directory, config=config, log=directory / "redis.log")
+        return cls(directory, config=config, log=directory / "redis.log", down=down)
+
+    @property
+    def faults(self) -> int:
+        return self.restarts
+
+    async def launch(self) -> None:
+        await self.start_async(30)
+
+    async def fault(self) -> None:
+        await self.restart(self.down)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        return  # a restart's downtime is the time the process was gone
+
+    def primary_port(self) -> int:
+        return self.port
 
     async def restart(self, down: float) -> None:
         """SIGKILL, `down` seconds of absence, start again (reloading the AOF)."""
@@ -146,7 +201,8 @@ admin_listen: 127.0.0.1:{admin_port}
 upstream: {upstream}
 log_level: {args.proxy_log_level}
 shutdown_grace: 10s
-store: {{url: "{store}", fail_mode: closed, timeout: {args.store_timeout}s, namespace: {NAMESPACE}}}
+store: {{url: "{store}", fail_mode: closed, timeout: {args.store_timeout}s, namespace: {NAMESPACE},
+         min_replicas_ack: {args.min_replicas_ack}}}
 defaults:
   methods: [POST, PATCH]
   require_key: true

@@ -1,10 +1,11 @@
 """The soak's orchestrator: start everything, run the load and the faults, collect.
 
-It starts, all on 127.0.0.1 and all its own: the redis-server, the counting upstream
-(`soak_upstream.py`), the proxies sharing that Redis, then the client drivers; while the
-drivers run, the fault schedules SIGKILL and restart Redis and the proxies. At the end it
-collects what the drivers saw, the upstream's execution count per key and the records left
-in Redis, and drains the proxies with SIGTERM.
+It starts, all on 127.0.0.1 and all its own: the store (a redis-server, or a Sentinel
+group), the counting upstream (`soak_upstream.py`), the proxies sharing that store, then the
+client drivers; while the drivers run, the fault schedules SIGKILL the store (restarting
+Redis, or failing the primary over) and the proxies. At the end it collects what the drivers
+saw, the upstream's execution count per key and the records left in the store, and drains
+the proxies with SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import aiohttp
 import redis
 
-from bench.soak_faults import SoakProxy, SoakRedis, fail
+from bench.soak_faults import SoakProxy, SoakStore, fail, make_proxies
 from bench.soak_load import BACKOFF_CAP
 from tests.support.proxies import REPO, child_env
 from tests.support.waiting import wait_until
@@ -37,9 +39,9 @@ class Soak:
     args: argparse.Namespace
     directory: Path
     prefix: str
-    redis: SoakRedis
-    proxies: list[SoakProxy]
+    store: SoakStore
     upstream_port: int
+    proxies: list[SoakProxy] = field(default_factory=list)
     upstream: subprocess.Popen[bytes] | None = None
     drivers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     stop_faults: asyncio.Event = field(default_factory=asyncio.Event)
@@ -48,7 +50,10 @@ class Soak:
     findings: int = 0  # lines in the proxies' logs worth reading: keep the logs
 
     async def start(self) -> None:
-        await self.redis.start_async(30)
+        await self.store.launch()
+        upstream_url = f"http://127.0.0.1:{self.upstream_port}"
+        self.proxies, self.code = make_proxies(self.args, self.directory, upstream_url,
+                                               self.store.url)  # fmt: skip
         self.start_upstream()
         for proxy in self.proxies:
             proxy.spawn()
@@ -125,14 +130,16 @@ class Soak:
                 )
             )
 
-    async def redis_restarts(self) -> None:
-        every = self.args.redis_restart_every
+    async def store_faults(self) -> None:
+        every = self.args.store_fault_every
         if every <= 0:
             return
         due = every / 2
         while not await self.sleep_until(due):
-            await self.redis.restart(self.args.redis_down)
-            due += every
+            await self.store.fault()
+            # A fault that took longer than the interval (a slow failover) is followed by
+            # half an interval of calm, not at once by the next.
+            due = max(due + every, time.monotonic() - self.started + every / 2)
 
     async def proxy_kills(self) -> None:
         every = self.args.proxy_kill_every
@@ -170,8 +177,9 @@ class Soak:
         self.started = time.monotonic()
         self.start_drivers()
         faults = [
-            asyncio.create_task(self.redis_restarts()),
+            asyncio.create_task(self.store_faults()),
             asyncio.create_task(self.proxy_kills()),
+            asyncio.create_task(self.store.watch(self.stop_faults)),
         ]
         deadline = self.started + self.args.max_seconds
         next_progress = self.started + self.args.progress_every
@@ -193,7 +201,7 @@ class Soak:
                 elapsed = now - self.started
                 print(
                     f"soak: {elapsed:6.0f}s  {sent:>10,} requests  {operations:>9,} keys  "
-                    f"{sent / elapsed:7,.0f} req/s  redis restarts {self.redis.restarts}  "
+                    f"{sent / elapsed:7,.0f} req/s  store faults {self.store.faults}  "
                     f"proxy kills {sum(p.kills for p in self.proxies)}",
                     file=sys.stderr,
                     flush=True,
@@ -224,7 +232,13 @@ class Soak:
                 counts = await response.read()
             async with session.get(base + "/__stats") as response:
                 upstream_stats = await response.json()
-        records = await asyncio.to_thread(scan_records, self.redis.port)
+            async with session.get(base + "/__repeats") as response:
+                repeats = await response.json()
+            async with session.get(base + "/__first") as response:
+                first = array("d")
+                first.frombytes(await response.read())
+        scanned_at = time.time()
+        records = await asyncio.to_thread(scan_records, self.store.primary_port())
         exits = [await proxy.drain() for proxy in self.proxies]
         return {
             "elapsed": elapsed,
@@ -233,6 +247,9 @@ class Soak:
             "codes": codes,
             "counts": counts,
             "upstream": upstream_stats,
+            "repeats": repeats,
+            "first": first,
+            "scanned_at": scanned_at,
             "records": records,
             "exits": exits,
         }
@@ -249,14 +266,16 @@ class Soak:
                 self.upstream.wait(5)
             except subprocess.TimeoutExpired:
                 self.upstream.kill()
-        self.redis.kill()
+        self.store.kill()
 
 
 def scan_records(port: int) -> dict[str, Any]:
-    """What the soak's Redis holds at the end: records by state, in-flight storage keys."""
+    """What the soak's Redis holds at the end: records by state, in-flight storage keys,
+    every storage key."""
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
     states: Counter[str] = Counter()
     in_flight: list[str] = []
+    names: set[str] = set()
     batch: list[bytes] = []
 
     def flush() -> None:
@@ -272,6 +291,7 @@ def scan_records(port: int) -> dict[str, Any]:
 
     for name in client.scan_iter(match="idp:*", count=5000):
         batch.append(name)
+        names.add(name.decode())
         if len(batch) >= 5000:
             flush()
     if batch:
@@ -282,6 +302,7 @@ def scan_records(port: int) -> dict[str, Any]:
     return {
         "states": dict(states),
         "in_flight": in_flight,
+        "names": names,
         "memory": memory,
         "aof_bytes": persistence.get("aof_current_size"),
     }

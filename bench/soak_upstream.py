@@ -17,7 +17,10 @@ Each arriving request draws one fault from a seeded RNG:
 
 An execution is counted the moment the request arrives, before any sleep or reset: that is
 when the upstream "acted". `GET /__counts` returns the bytearray, `GET /__stats` the fault
-counts; both are asked directly, never through the proxy.
+counts, `GET /__first` the (wall clock) time of each key's first execution as doubles, and
+`GET /__repeats` every execution after a key's first with the times of both, so that a
+duplicate or a lost record can be set against the faults around it; all are asked directly,
+never through the proxy.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import asyncio
 import json
 import random
 import signal
+import time
+from array import array
 from collections import Counter
 
 from aiohttp import web
 
 KEY_HEADER = "Idempotency-Key"
+MAX_REPEATS = 10_000  # repeat executions kept with their times
 
 
 class Upstream:
@@ -40,6 +46,8 @@ class Upstream:
     def __init__(self, args: argparse.Namespace) -> None:
         self.prefix = args.prefix + "-"
         self.counts = bytearray(args.keys)
+        self.first_at = array("d", bytes(8 * args.keys))  # wall time of each key's 1st execution
+        self.repeats: list[tuple[int, float, float]] = []  # (key index, first, this execution)
         self.other: Counter[str] = Counter()  # keys outside the soak's key space
         self.stats: Counter[str] = Counter()
         self.rng = random.Random(args.seed)
@@ -61,6 +69,10 @@ class Upstream:
                 count = self.counts[index]
                 if count < 255:
                     self.counts[index] = count + 1
+                if count == 0:
+                    self.first_at[index] = time.time()
+                elif len(self.repeats) < MAX_REPEATS:
+                    self.repeats.append((index, self.first_at[index], time.time()))
                 return count + 1
         self.other[key] += 1
         return self.other[key]
@@ -97,6 +109,12 @@ class Upstream:
     async def serve_counts(self, request: web.Request) -> web.Response:
         return web.Response(body=bytes(self.counts), content_type="application/octet-stream")
 
+    async def serve_first(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.first_at.tobytes(), content_type="application/octet-stream")
+
+    async def serve_repeats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.repeats)
+
     async def serve_stats(self, request: web.Request) -> web.Response:
         other = {
             "keys": len(self.other),
@@ -112,6 +130,8 @@ async def serve(args: argparse.Namespace) -> None:
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_get("/__counts", upstream.serve_counts)
     app.router.add_get("/__stats", upstream.serve_stats)
+    app.router.add_get("/__repeats", upstream.serve_repeats)
+    app.router.add_get("/__first", upstream.serve_first)
     app.router.add_route("*", "/{tail:.*}", upstream.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()

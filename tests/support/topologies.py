@@ -22,7 +22,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -180,13 +180,13 @@ class SentinelGroup:
 
 
 def _sentinel_config(
-    group: SentinelGroup, ports: list[int], index: int, ids: list[str]
+    group: SentinelGroup, ports: list[int], index: int, ids: list[str], down_after_ms: int
 ) -> list[str]:
     primary, *replicas = group.data
     lines = [
         f"sentinel myid {ids[index]}",
         f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2",
-        f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
+        f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}",
         f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
         f"sentinel parallel-syncs {SERVICE} 1",
     ]
@@ -212,14 +212,16 @@ def wait_replicas_linked(data: Sequence[RedisServer]) -> None:
             wait_until(partial(replica_linked, c), _START_TIMEOUT, "the replicas to sync")
 
 
-def start_sentinel_group(directory: Path, replicas: int = 1) -> SentinelGroup:
+def start_sentinel_group(
+    directory: Path, replicas: int = 1, down_after_ms: int = DOWN_AFTER_MS
+) -> SentinelGroup:
     """Start the group and wait until the replicas are in sync and the sentinels see it all."""
     group = SentinelGroup(directory)
     group.data = primary_and_replicas(directory, replicas)
     ids = [os.urandom(20).hex() for _ in range(3)]
     ports = [free_port() for _ in range(3)]
     for index, port in enumerate(ports):
-        config = _sentinel_config(group, ports, index, ids)
+        config = _sentinel_config(group, ports, index, ids, down_after_ms)
         home = directory / f"sentinel{index}"
         group.sentinels.append(Sentinel(home, port, config, log=home / "server.log"))
     try:
@@ -255,13 +257,16 @@ _START_ATTEMPTS = 3
 
 
 @contextmanager
-def _running(start: Callable[[Path], _T]) -> Iterator[_T]:
-    """Start a topology in a temporary directory (again, on fresh ports, if a node exited
-    while starting); kill its processes at the end."""
-    with tempfile.TemporaryDirectory() as directory:
+def _running(start: Callable[[Path], _T], keep_in: Path | None = None) -> Iterator[_T]:
+    """Start a topology in a temporary directory, or in `keep_in` whose files (the nodes'
+    logs) outlive it (again, on fresh ports, if a node exited while starting); kill its
+    processes at the end."""
+    with ExitStack() as stack:
+        if keep_in is None:
+            keep_in = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for attempt in range(1, _START_ATTEMPTS + 1):
             try:
-                topology = start(Path(directory) / f"attempt{attempt}")
+                topology = start(keep_in / f"attempt{attempt}")
                 break
             except NodeExited:
                 if attempt == _START_ATTEMPTS:
@@ -272,8 +277,12 @@ def _running(start: Callable[[Path], _T]) -> Iterator[_T]:
             topology.stop()
 
 
-def sentinel_group(replicas: int = 1) -> AbstractContextManager[SentinelGroup]:
-    return _running(lambda directory: start_sentinel_group(directory, replicas))
+def sentinel_group(
+    replicas: int = 1, keep_in: Path | None = None, down_after_ms: int = DOWN_AFTER_MS
+) -> AbstractContextManager[SentinelGroup]:
+    return _running(
+        lambda directory: start_sentinel_group(directory, replicas, down_after_ms), keep_in
+    )
 
 
 @dataclass
