@@ -18,6 +18,11 @@ Rules the store's correctness rests on:
   as a whole (connect, write, every reply). On a timeout or a connection error the connection
   is disconnected, never returned to the pool with replies still owed, and every command not
   answered fails with `Unanswered`: Redis may still run it.
+- No caller waits past the store timeout, whatever happens inside the batch: a timer fails
+  whoever still waits then, even if redis-py were to hold on to the cancellation, and a batch
+  that ends in any way fails whoever it did not answer. An exception that is no store fault
+  (a bug, ours or redis-py's) fails the calls like any other, and is logged with its type
+  and the frames that raised it, once per type: it is never hidden in a 503 again.
 - Batches run side by side on separate connections: a large command (a 1 MiB complete) is a
   batch of its own, so small decisions never wait behind its I/O.
 - A `READONLY` reply (a demoted primary) drops the connection, so the next one is opened
@@ -34,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import traceback
 from typing import Any
 
 import hiredis
@@ -45,6 +52,7 @@ from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from proxy import logs
 from proxy.errors import StoreUnavailable
 from proxy.tasks import spawn
 
@@ -54,6 +62,7 @@ LARGE_COMMAND = 64 * 1024
 DEFAULT_HEALTH_CHECK_INTERVAL = 15
 # After a refused connect, batches fail at once for this long instead of each opening a socket.
 _RECONNECT_PAUSE = 0.1
+_NO_ANSWER = "no answer within the store timeout"
 
 
 class ReplyError(Exception):
@@ -107,13 +116,34 @@ def reply_error(exc: ResponseError) -> ReplyError:
 class _Batch:
     """Commands that travel together on one connection, and who waits for each reply."""
 
-    __slots__ = ("acknowledged", "chunks", "waiters")
+    __slots__ = ("acknowledged", "chunks", "sent", "waiters")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         # (future, acknowledged?) per command, in the order the replies will come
         self.waiters: list[tuple[asyncio.Future[Any], bool]] = []
         self.acknowledged = False
+        self.sent = False  # written, or about to be: Redis may run it
+
+
+def _fail(batch: _Batch, start: int, error: StoreUnavailable) -> None:
+    """Fail every waiter of `batch` from `start` on that has no answer yet."""
+    for future, _ in batch.waiters[start:]:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _unanswered(reason: str, sent: bool) -> StoreUnavailable:
+    """A failed store call: `Unanswered` once the command may have reached Redis."""
+    if sent:
+        return Unanswered(f"redis: {reason}", retry_after=1)
+    return StoreUnavailable(f"redis: {reason}", retry_after=1)
+
+
+def _raised_at(exc: BaseException, depth: int = 8) -> list[str]:
+    """`file:line in function` of the innermost `depth` frames that raised `exc`."""
+    frames = traceback.extract_tb(exc.__traceback__)[-depth:]
+    return [f"{frame.filename}:{frame.lineno} in {frame.name}" for frame in frames]
 
 
 class RedisBatcher:
@@ -134,6 +164,7 @@ class RedisBatcher:
         self._pending: _Batch | None = None
         self._down_until = 0.0
         self._closed = False
+        self._reported: set[type[BaseException]] = set()  # unexpected exceptions, logged
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future holds its reply."""
@@ -179,29 +210,34 @@ class RedisBatcher:
         if batch.acknowledged:
             batch.chunks.append(hiredis.pack_command(self._wait))
         connection: AbstractConnection | None = None
-        sent = False
         answered = 0
         keep = False
+        # The callers' bound does not rest on redis-py letting a cancellation through: at the
+        # store timeout, whoever still waits gets a failed call, wherever this task is.
+        deadline = asyncio.get_running_loop().call_later(self.timeout, self._expire, batch)
         try:
             if time.monotonic() < self._down_until:
                 raise StoreUnavailable("redis: unreachable (retrying shortly)", retry_after=1)
             async with asyncio.timeout(self.timeout):
                 connection = await self._checkout()
-                sent = True  # from here on, Redis may run what was written
+                batch.sent = True  # from here on, Redis may run what was written
                 # One bytes object: a list would be written chunk by chunk, a syscall each.
                 data = b"".join(batch.chunks)
                 await connection.send_packed_command(data, check_health=False)
                 answered, keep = await self._read_replies(connection, batch)
         except BaseException as exc:
-            error = self._failure(exc, sent)
-            for future, _ in batch.waiters[answered:]:
-                if not future.done():
-                    future.set_exception(error)
-            if isinstance(exc, asyncio.CancelledError):
+            _fail(batch, answered, self._failure(exc, batch.sent))
+            if not isinstance(exc, Exception):  # cancelled (the store closes), or exiting
                 raise
         finally:
+            deadline.cancel()
+            # Nothing above may leave a caller waiting, not even a bug of ours.
+            _fail(batch, 0, _unanswered("the batch ended without an answer", batch.sent))
             if connection is not None:
                 await self._checkin(connection, keep)
+
+    def _expire(self, batch: _Batch) -> None:
+        _fail(batch, 0, _unanswered(_NO_ANSWER, batch.sent))
 
     async def _checkout(self) -> AbstractConnection:
         """A connected connection from the pool, health-checked as redis-py would."""
@@ -278,14 +314,31 @@ class RedisBatcher:
         if isinstance(exc, StoreUnavailable):
             return exc
         if isinstance(exc, TimeoutError) and not str(exc):
-            reason = "no answer within the store timeout"
+            reason = _NO_ANSWER
         elif isinstance(exc, asyncio.CancelledError):
             reason = "store closed"
+        elif isinstance(exc, Exception) and not isinstance(exc, RedisError | OSError):
+            # Not the store failing but a bug (ours or redis-py's): the callers get a failed
+            # store call as for any other fault, and the log says what it was.
+            self._report(exc)
+            reason = f"unexpected {type(exc).__name__}"
         else:
             reason = str(exc) or type(exc).__name__
-        if sent:
-            return Unanswered(f"redis: {reason}", retry_after=1)
-        return StoreUnavailable(f"redis: {reason}", retry_after=1)
+        return _unanswered(reason, sent)
+
+    def _report(self, exc: BaseException) -> None:
+        """Log an unexpected exception, once per type: its type and the frames that raised
+        it, never its message (which may name a host or hold a secret), and never to a
+        client. Later ones count as failed store calls like any other."""
+        kind = type(exc)
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        logs.event(
+            "store batch failed with an unexpected exception", logging.ERROR,
+            error=f"{kind.__module__}.{kind.__qualname__}",
+            raised_at=_raised_at(exc),
+        )  # fmt: skip
 
     async def close(self) -> None:
         self._closed = True

@@ -5,7 +5,9 @@ differs between deployments is only where a connection goes, and redis-py knows 
 
 - Sentinel: redis-py's `SentinelConnectionPool` asks the sentinels for the current primary
   whenever it opens a connection, so after a switch (or a `READONLY` reply, which drops the
-  connection) the next batch goes to the new primary. One batcher, as for one node.
+  connection) the next batch goes to the new primary. One batcher, as for one node. The
+  connections opened side by side share one question (redis-py's is not safe to ask twice
+  at once, see `_Sentinels`).
 - Cluster: redis-py's `RedisCluster` keeps the slot map (it is used for nothing else), and
   `ClusterBatcher` keeps one batcher per master, sending each command to the master of its
   key's slot. Every store command touches exactly one key (each script declares its one
@@ -93,18 +95,57 @@ def _pool_options(timeout: float, topology: Topology) -> dict[str, Any]:
     }
 
 
+class _Sentinels(Sentinel):
+    """redis-py's sentinel client, asked one question at a time.
+
+    Every connection the pool opens asks the sentinels where the primary is, and during a
+    switch every batch opens one. redis-py's `discover_master` is not safe side by side: it
+    moves the sentinel that answered to the front of `sentinels` by an index read before its
+    await, so two discoveries that overlap (the first sentinel down or not yet agreeing)
+    swap the wrong entries: one sentinel then stands in the list twice and another drops
+    out, with its open connections, which nothing closes any more. So one discovery runs
+    at a time, and the connections that want one meanwhile share its answer (which also
+    spares the sentinels a burst of identical questions).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._discoveries: dict[str, asyncio.Task[tuple[str, int]]] = {}
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        task = self._discoveries.get(service_name)
+        if task is None or task.done():
+            task = spawn(self._discover(service_name), "store-sentinel-discovery")
+            # Read here, so that a discovery whose askers all gave up is no unread error.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._discoveries[service_name] = task
+        # Shielded: an asker that times out leaves the answer to the others.
+        return await asyncio.shield(task)
+
+    async def _discover(self, service_name: str) -> tuple[str, int]:
+        address: tuple[str, int] = await super().discover_master(service_name)
+        return address
+
+    async def aclose(self) -> None:
+        for task in self._discoveries.values():
+            task.cancel()
+        await super().aclose()
+
+
 class _SentinelPool(SentinelConnectionPool):
     """A Sentinel pool that also closes its sentinel clients when closed."""
 
     async def aclose(self) -> None:
-        await super().aclose()
-        await self.sentinel_manager.aclose()
+        try:
+            await super().aclose()
+        finally:
+            await self.sentinel_manager.aclose()
 
 
 def sentinel_pool(topology: Topology, timeout: float) -> ConnectionPool:
     """The pool of connections to the current primary of `topology`'s service."""
     no_retry = Retry(NoBackoff(), 0)
-    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = _Sentinels(
         list(topology.nodes),
         sentinel_kwargs={
             "socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": no_retry,

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from redis.asyncio.connection import ConnectionPool
 
 from proxy.errors import StoreUnavailable
 from proxy.store.base import Acquired, InProgress
 from proxy.store.connection import RedisBatcher, connection_pool
 from proxy.store.redis import RedisStore
+from proxy.tasks import running
 from tests.conftest import RedisServer
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 
 def batcher(url: str, timeout: float) -> RedisBatcher:
@@ -162,4 +169,71 @@ async def test_large_writes_do_not_starve_small_commands(redis: RedisServer) -> 
         assert replies == [f"s{i}".encode() for i in range(20)]
         await asyncio.gather(*large, return_exceptions=True)
     finally:
+        await connection.close()
+
+
+class _FaultyPool(ConnectionPool):
+    """A pool whose checkout fails the way no store fault does: a bug in the library."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded (secret=hunter2)")
+
+
+async def test_an_unexpected_exception_fails_the_call_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception that is no store fault fails each call like any other (a 503 for the
+    request), and is logged once, with its type and where it came from, without its
+    message."""
+    caplog.set_level(logging.INFO, logger="idempotency_proxy")
+    connection = RedisBatcher(_FaultyPool(host="127.0.0.1", port=free_port()), 0.5)
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable, match="unexpected RecursionError"):
+                await connection.call("PING")
+    finally:
+        await connection.close()
+    logged = [r for r in caplog.records if "unexpected exception" in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].levelno == logging.ERROR
+    fields = getattr(logged[0], "fields", {})
+    assert fields["error"] == "builtins.RecursionError"
+    assert "get_connection" in fields["raised_at"][-1]
+    assert "hunter2" not in repr(fields)
+
+
+class _StuckPool(ConnectionPool):
+    """A pool whose checkout swallows cancellation and waits until released: a library
+    that holds on to a task past its caller's timeout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        while not self.released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.released.wait()
+        raise ConnectionError("released")
+
+
+async def test_a_call_ends_within_the_timeout_even_if_the_batch_does_not() -> None:
+    """A call fails at the store timeout even while its batch is stuck in a library call
+    that ignores the cancellation; the batch fails nobody twice when it ends."""
+    pool = _StuckPool(host="127.0.0.1", port=free_port())
+    connection = RedisBatcher(pool, 0.3)
+    try:
+        started = time.monotonic()
+        async with asyncio.timeout(5):  # the old code waited for the batch: forever here
+            with pytest.raises(StoreUnavailable, match="no answer within the store timeout"):
+                await connection.call("PING")
+        assert pool.entered.is_set()
+        assert time.monotonic() - started < 1.5
+        assert running("store-batch")  # the batch itself is still stuck
+        pool.released.set()
+        await wait_until(lambda: not running("store-batch"), what="the batch to end")
+    finally:
+        pool.released.set()
         await connection.close()

@@ -38,8 +38,13 @@ from tests.support.waiting import wait_until_sync
 
 SERVICE = "mymaster"
 _START_TIMEOUT = 15.0
-# Sentinel: a primary is subjectively down after this long without a reply.
-DOWN_AFTER_MS = 500
+# Sentinel: a primary is subjectively down after this long without a reply. Not less than
+# a second and a bit: after a switch a sentinel starts its clock on the promoted primary at
+# once but opens its link to it up to a second later (it reconnects to an instance at most
+# once a second, and it was retrying the dead one), so with 500 ms the new primary was often
+# judged down before it could answer, and failed over again, and again; meanwhile the
+# replica left behind did not acknowledge writes (min_replicas_ack) for many seconds.
+DOWN_AFTER_MS = 2000
 FAILOVER_TIMEOUT_MS = 3000
 # Cluster: a master is failed over after this long unreachable.
 CLUSTER_NODE_TIMEOUT_MS = 600
