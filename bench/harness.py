@@ -654,11 +654,13 @@ def level_targets(
                 note += f", {m.result.errors} errors"
             out.append((label, value >= minimum and not m.result.errors, note))
     if rtt is not None and "passthrough" in latency:
-        budget = 2 * rtt["p50"] + 30e-6
+        # One store round trip is on a first attempt's critical path (the answer does not
+        # wait for the complete), so that and 40 us is its budget.
+        budget = rtt["p50"] + 40e-6
         base = latency["passthrough"].p50
         for case, allowed, words in (
-            ("redis-first", budget, "2 Redis round trips + 30 us"),
-            ("mem-first", 30e-6, "30 us (no round trip)"),
+            ("redis-first", budget, "1 Redis round trip + 40 us"),
+            ("mem-first", 40e-6, "40 us (no round trip)"),
         ):
             if case in latency:
                 added = latency[case].p50 - base
@@ -968,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"one Redis round trip (redis-py asyncio PING, {rtt['calls']:.0f} sequential): "
             f"p50 {rtt['p50'] * 1e6:.0f} us, p99 {rtt['p99'] * 1e6:.0f} us; target for the "
-            f"added p50: 2 round trips + 30 us = {(2 * rtt['p50'] + 30e-6) * 1e6:.0f} us"
+            f"added p50: 1 round trip + 40 us = {(rtt['p50'] + 40e-6) * 1e6:.0f} us"
         )
     print()
     for label, passed, figures in targets(run, rtt):

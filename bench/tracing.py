@@ -166,10 +166,11 @@ class _NoStore:
     """A store that answers at once: what is left to time is the wrapper around it."""
 
     async def begin(self, key: str, fingerprint: str, *, lease: float, ttl: float,
-                    takeover: bool) -> Decision:  # fmt: skip
+                    takeover: bool, tombstone: float = 0.0) -> Decision:  # fmt: skip
         return Acquired("token")
 
-    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float) -> bool:
+    async def complete(self, key: str, token: str, outcome: Outcome, *, ttl: float,
+                       tombstone: float = 0.0) -> bool:  # fmt: skip
         return True
 
 

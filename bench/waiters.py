@@ -89,8 +89,9 @@ def serve_gate(port: int) -> None:
 
 def start_gate(tmp: Path) -> services.Server:
     port = free_port()
-    argv = [sys.executable, __file__, "--upstream-port", str(port)]
-    process = services._spawn("upstream", argv, tmp / "upstream.log")
+    # As a module from the repository root, like the bench itself (`from bench import ...`).
+    argv = [sys.executable, "-m", "bench.waiters", "--upstream-port", str(port)]
+    process = services._spawn("upstream", argv, tmp / "upstream.log", cwd=services.BENCH_DIR.parent)
     server = services.Server("upstream", port, process, tmp / "upstream.log",
                              url=f"http://127.0.0.1:{port}")  # fmt: skip
     services.wait_http(server, "/ready")
@@ -239,7 +240,8 @@ def publish_cost(tmp: Path, calls: int) -> None:
                     record = f"idp:{label[:4]}{i}"
                     pipe.hset(record, mapping={"st": "f", "tok": "t", "exp": 1})
                     pipe.evalsha(script.sha, 1, record, "t", 60000, "response", 201,
-                                 "Content-Type: application/json\r\n", b"x" * 64)  # fmt: skip
+                                 "Content-Type: application/json\r\n", b"x" * 64,
+                                 0)  # no tombstone  # fmt: skip
                 pipe.execute()
                 # the chunk's own time: commandstats summed since the last reset
                 stats = client.info("commandstats")["cmdstat_evalsha"]
