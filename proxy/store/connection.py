@@ -42,6 +42,7 @@ import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -155,8 +156,15 @@ class RedisBatcher:
     order, on one connection; a large one travels alone.
     """
 
-    def __init__(self, pool: ConnectionPool, timeout: float, *, min_replicas_ack: int = 0) -> None:
+    def __init__(
+        self, pool: ConnectionPool, timeout: float, *, min_replicas_ack: int = 0,
+        is_current: Callable[[AbstractConnection], bool] | None = None,
+    ) -> None:  # fmt: skip
         self.pool = pool
+        # Whether a pooled connection still goes where commands belong (a Sentinel pool's
+        # primary may have been replaced while the old one kept running): one that does
+        # not is reopened before anything is written to it.
+        self._is_current = is_current
         self.timeout = timeout
         self.min_replicas_ack = min_replicas_ack
         # WAIT gets half the store timeout; the rest is for the commands and the network.
@@ -248,6 +256,12 @@ class RedisBatcher:
                 # Refused or reset: the next batches would fail the same way at once.
                 self._down_until = time.monotonic() + _RECONNECT_PAUSE
             raise
+        if self._is_current is not None and not self._is_current(connection):
+            try:
+                await connection.disconnect(nowait=True)  # reopened where the primary is now
+            except BaseException:
+                await self._checkin(connection, keep=False)
+                raise
         interval = connection.health_check_interval
         if interval and asyncio.get_running_loop().time() > connection.next_health_check:
             # Nothing of ours is written yet, so a connection that fails its PING (dropped

@@ -78,7 +78,9 @@ def open_batcher(url: str, timeout: float, *, min_replicas_ack: int = 0) -> Batc
     topology = parse_topology(url)
     if topology.kind == "sentinel":
         pool = sentinel_pool(topology, timeout)
-        return RedisBatcher(pool, timeout, min_replicas_ack=min_replicas_ack)
+        return RedisBatcher(
+            pool, timeout, min_replicas_ack=min_replicas_ack, is_current=pool.is_current
+        )
     return ClusterBatcher(topology, timeout, min_replicas_ack=min_replicas_ack)
 
 
@@ -132,17 +134,55 @@ class _Sentinels(Sentinel):
         await super().aclose()
 
 
+# How often a Sentinel pool asks where the primary is, besides when it opens a connection.
+# A primary that the sentinels replaced while it kept running (they judged it down while it
+# was only slow, or a partition healed) accepts writes until they demote it, which takes
+# them up to 10 s, and every write it takes meanwhile is lost with the demotion. A
+# connection that only ever asked when it connected would stay there all that time.
+PRIMARY_CHECK_INTERVAL = 1.0
+
+
 class _SentinelPool(SentinelConnectionPool):
-    """A Sentinel pool that also closes its sentinel clients when closed."""
+    """A Sentinel pool that keeps asking where the primary is (`PRIMARY_CHECK_INTERVAL`),
+    so that `is_current` can tell a connection to a replaced primary; it also closes its
+    sentinel clients when closed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._follow_task: asyncio.Task[None] | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Connection:
+        if self._follow_task is None:
+            self._follow_task = spawn(self._follow(), "store-sentinel-primary")
+        connection: Connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        return connection
+
+    def is_current(self, connection: Any) -> bool:
+        """False for a connection open to a node the sentinels no longer name as primary."""
+        return (
+            not connection.is_connected
+            or self.master_address is None
+            or (connection.host, connection.port) == self.master_address
+        )
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(PRIMARY_CHECK_INTERVAL)
+            # redis-py's: asks the sentinels, and on a change drops the idle connections.
+            # Unanswered: the next check asks again (a connection that fails finds out too).
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
         try:
             await super().aclose()
         finally:
             await self.sentinel_manager.aclose()
 
 
-def sentinel_pool(topology: Topology, timeout: float) -> ConnectionPool:
+def sentinel_pool(topology: Topology, timeout: float) -> _SentinelPool:
     """The pool of connections to the current primary of `topology`'s service."""
     no_retry = Retry(NoBackoff(), 0)
     sentinels = _Sentinels(
@@ -152,7 +192,7 @@ def sentinel_pool(topology: Topology, timeout: float) -> ConnectionPool:
             **topology.sentinel_connection,
         },
     )  # fmt: skip
-    pool = _SentinelPool(  # type: ignore[no-untyped-call]
+    pool = _SentinelPool(
         topology.service_name, sentinels, ssl=topology.tls, **_pool_options(timeout, topology)
     )
     disable_retries(pool)

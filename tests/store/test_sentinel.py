@@ -1,16 +1,17 @@
-"""Finding the primary through a Sentinel group while one sentinel is down, with real
-redis-servers: connections opened side by side share one question to the sentinels, and
-every sentinel of the URL stays in use (redis-py's own discovery, run side by side, lost
-one and asked another twice)."""
+"""Finding the primary through a Sentinel group, with real redis-servers: connections opened
+side by side share one question to the sentinels, and every sentinel of the URL stays in use
+(redis-py's own discovery, run side by side, lost one and asked another twice); and a primary
+the sentinels replaced while it kept running is left within about a check."""
 
 from __future__ import annotations
 
 import asyncio
 
 from proxy.store.connection import LARGE_COMMAND, RedisBatcher
-from proxy.store.topology import open_batcher
+from proxy.store.topology import PRIMARY_CHECK_INTERVAL, open_batcher
 from tests.support.ports import free_port
-from tests.support.topologies import SERVICE, SentinelGroup
+from tests.support.topologies import SERVICE, SentinelGroup, client
+from tests.support.waiting import wait_until
 
 
 def _sentinel_ports(batcher: RedisBatcher) -> list[int]:
@@ -41,3 +42,38 @@ async def test_connections_opened_side_by_side_keep_every_sentinel(
     finally:
         await batcher.close()
         group.flush()
+
+
+async def test_a_primary_replaced_while_it_runs_is_left_within_a_check(
+    new_sentinel_group: SentinelGroup,
+) -> None:
+    """The sentinels name another primary while the old one keeps running and taking
+    writes (how a failover of a primary that was only slow looks until they demote it,
+    which takes them up to 10 s): the store's writes move to the new primary within about
+    one check, instead of landing on the old one, whose demotion would lose them."""
+    group = new_sentinel_group
+    new = group.data[1]  # a replica, promoted below by hand
+    batcher = open_batcher(group.url, 2.0)
+    try:
+        assert await batcher.call("SET", "before-the-switch", "1") == b"OK"
+        with client(new.port) as c:
+            c.execute_command("REPLICAOF", "NO", "ONE")
+        for sentinel in group.sentinels:  # nobody tells the old primary
+            with client(sentinel.port) as c:
+                c.execute_command("SENTINEL", "REMOVE", SERVICE)
+                c.execute_command("SENTINEL", "MONITOR", SERVICE, "127.0.0.1", new.port, 2)
+        written = 0
+
+        async def lands_on_the_new_primary() -> bool:
+            nonlocal written
+            written += 1
+            assert await batcher.call("SET", f"after-the-switch:{written}", "1") == b"OK"
+            with client(new.port) as c:
+                return bool(c.exists(f"after-the-switch:{written}"))
+
+        await wait_until(
+            lands_on_the_new_primary, 3 * PRIMARY_CHECK_INTERVAL + 2,
+            "a write on the primary the sentinels name", interval=0.05,
+        )  # fmt: skip
+    finally:
+        await batcher.close()
