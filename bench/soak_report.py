@@ -295,12 +295,7 @@ def report(args: argparse.Namespace, soak: Soak, result: dict[str, Any]) -> Summ
     lapsed_after_2xx = checks.get(f"retry after success ended as: {CODE_NAMES[LAPSED]}", 0)
     fenced = int(proxy_metrics["requests_total:fenced"])
     figures = [
-        ("requests (HTTP attempts, retries included)", f"{sent:,}"),
-        ("keys (logical operations)", f"{keys:,}"),
-        ("upstream executions", f"{executed:,}"),
-        ("duplicate executions", f"{duplicates:,}"),
-        ("keys executed more than once", f"{keys_with_duplicates:,}"),
-        ("duplicate rate", percent(rate)),
+        *table[:6],  # the printed table's counts, then its bound with the method's name only
         ("95 % upper bound", f"{percent(bound)} ({method.split(':')[0]})"),
         ("keys executed once whose record vanished", f"{len(vanished):,}"),
         *failover,
