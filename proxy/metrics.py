@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
 from proxy.outcomes import RequestOutcome
+from proxy.tasks import spawn
 
 PREFIX: Final = "idempotency_proxy"
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST  # of the exposition text
@@ -397,9 +398,17 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
+_rendering: asyncio.Task[bytes] | None = None
+
+
 async def render() -> bytes:
     """The exposition text for a scrape. The batched updates are handed over on the loop;
     the text is written in a thread, so a scrape (a few ms per route) does not hold up the
-    requests the loop is serving."""
-    flush()
-    return await asyncio.to_thread(exposition)
+    requests the loop is serving. Scrapes that come while one is being written share it
+    (`/metrics` is open to anyone who reaches the admin listener: a crowd of scrapes must
+    not become a crowd of threads)."""
+    global _rendering
+    if _rendering is None or _rendering.done():
+        flush()
+        _rendering = spawn(asyncio.to_thread(exposition), "metrics-render")
+    return await asyncio.shield(_rendering)

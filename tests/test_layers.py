@@ -32,8 +32,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.routing", "proxy.upstream", "proxy.store"),
     ("proxy.keys",),
     ("proxy.fingerprints",),
-    ("proxy.config", "proxy.errors", "proxy.metrics", "proxy.logs", "proxy.tasks"),
-    ("proxy.outcomes", "proxy.store_url"),
+    ("proxy.config", "proxy.errors", "proxy.metrics", "proxy.logs"),
+    ("proxy.outcomes", "proxy.store_url", "proxy.tasks"),
     ("proxy.masking",),
     ("proxy",),
 )

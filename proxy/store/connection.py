@@ -117,7 +117,7 @@ def reply_error(exc: ResponseError) -> ReplyError:
 class _Batch:
     """Commands that travel together on one connection, and who waits for each reply."""
 
-    __slots__ = ("acknowledged", "chunks", "sent", "waiters")
+    __slots__ = ("acknowledged", "chunks", "expired", "sent", "waiters")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -125,6 +125,7 @@ class _Batch:
         self.waiters: list[tuple[asyncio.Future[Any], bool]] = []
         self.acknowledged = False
         self.sent = False  # written, or about to be: Redis may run it
+        self.expired = False  # its callers were failed at the store timeout: never send it
 
 
 def _fail(batch: _Batch, start: int, error: StoreUnavailable) -> None:
@@ -228,6 +229,8 @@ class RedisBatcher:
                 raise StoreUnavailable("redis: unreachable (retrying shortly)", retry_after=1)
             async with asyncio.timeout(self.timeout):
                 connection = await self._checkout()
+                if batch.expired:  # its callers were told it was not sent: it must not be
+                    raise StoreUnavailable(f"redis: {_NO_ANSWER}", retry_after=1)
                 batch.sent = True  # from here on, Redis may run what was written
                 # One bytes object: a list would be written chunk by chunk, a syscall each.
                 data = b"".join(batch.chunks)
@@ -245,6 +248,7 @@ class RedisBatcher:
                 await self._checkin(connection, keep)
 
     def _expire(self, batch: _Batch) -> None:
+        batch.expired = True
         _fail(batch, 0, _unanswered(_NO_ANSWER, batch.sent))
 
     async def _checkout(self) -> AbstractConnection:
@@ -257,8 +261,11 @@ class RedisBatcher:
                 self._down_until = time.monotonic() + _RECONNECT_PAUSE
             raise
         if self._is_current is not None and not self._is_current(connection):
+            # Reopened here, before anything is sent, and by `connect`: redis-py's implicit
+            # reconnect (in `send_packed_command`) would go back to the address it had.
             try:
-                await connection.disconnect(nowait=True)  # reopened where the primary is now
+                await connection.disconnect(nowait=True)
+                await connection.connect()  # type: ignore[no-untyped-call]
             except BaseException:
                 await self._checkin(connection, keep=False)
                 raise

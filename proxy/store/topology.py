@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -37,9 +38,10 @@ from redis.backoff import NoBackoff
 from redis.cluster import get_node_name
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from proxy import metrics
+from proxy import logs, metrics
 from proxy.errors import StoreUnavailable
 from proxy.store.connection import (
     DEFAULT_HEALTH_CHECK_INTERVAL,
@@ -145,14 +147,18 @@ PRIMARY_CHECK_INTERVAL = 1.0
 class _SentinelPool(SentinelConnectionPool):
     """A Sentinel pool that keeps asking where the primary is (`PRIMARY_CHECK_INTERVAL`),
     so that `is_current` can tell a connection to a replaced primary; it also closes its
-    sentinel clients when closed."""
+    sentinel clients when closed, and opens nothing after that."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._follow_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._reported: set[type[BaseException]] = set()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Connection:
-        if self._follow_task is None:
+        if self._closed:
+            raise RedisConnectionError("store closed")
+        if self._follow_task is None or self._follow_task.done():
             self._follow_task = spawn(self._follow(), "store-sentinel-primary")
         connection: Connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         return connection
@@ -170,12 +176,24 @@ class _SentinelPool(SentinelConnectionPool):
             await asyncio.sleep(PRIMARY_CHECK_INTERVAL)
             # redis-py's: asks the sentinels, and on a change drops the idle connections.
             # Unanswered: the next check asks again (a connection that fails finds out too).
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            try:
                 await self.get_master_address()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError, TimeoutError):
+                pass
+            except Exception as exc:  # an odd reply, or a bug: said once, and asked again
+                if type(exc) not in self._reported:
+                    self._reported.add(type(exc))
+                    logs.event(
+                        "asking the sentinels for the primary failed", logging.ERROR,
+                        error=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    )  # fmt: skip
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._follow_task is not None:
             self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
         try:
             await super().aclose()
         finally:

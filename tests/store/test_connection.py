@@ -237,3 +237,30 @@ async def test_a_call_ends_within_the_timeout_even_if_the_batch_does_not() -> No
     finally:
         pool.released.set()
         await connection.close()
+
+
+class _LatePool(_StuckPool):
+    """`_StuckPool`, but once released it hands out a real connection after all."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        while not self.released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.released.wait()
+        return await super(_StuckPool, self).get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+async def test_a_batch_whose_callers_timed_out_is_never_sent_later(redis: RedisServer) -> None:
+    """Its callers were told "not sent" at the store timeout (a begin told so is not
+    withdrawn): a connection that arrives after that must not carry the batch to Redis."""
+    pool = _LatePool.from_url(redis.url)
+    connection = RedisBatcher(pool, 0.3)
+    try:
+        with pytest.raises(StoreUnavailable, match="no answer within the store timeout"):
+            await connection.call("SET", "sent-too-late", "1")
+        pool.released.set()
+        await wait_until(lambda: not running("store-batch"), what="the batch to end")
+        assert redis.command("EXISTS", "sent-too-late").strip() == b":0"
+    finally:
+        pool.released.set()
+        await connection.close()
