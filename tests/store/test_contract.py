@@ -377,12 +377,13 @@ async def test_a_tombstone_keeps_a_non_replayable_outcome_s_kind(store: Store) -
 async def test_an_unknown_outcome_keeps_a_tombstone_after_its_ttl(store: Store) -> None:
     """A dead owner's record, turned into "outcome unknown", is remembered past its ttl."""
     record = record_key("t")
-    ttl_ends = asyncio.get_running_loop().time() + 0.6  # room for a loaded machine
     lock = await begin(store, record, lease=0.05, ttl=0.6)
     assert isinstance(lock, Acquired)
     await asyncio.sleep(0.1)
     decision = await store.begin(record, "fp", lease=LEASE, ttl=0.6, takeover=False,
                                  tombstone=5)  # fmt: skip
+    # The unknown outcome was recorded before that call returned, and lives 0.6 s from then.
+    ttl_ends = asyncio.get_running_loop().time() + 0.6
     assert decision == Replay(UNKNOWN_OUTCOME)
     await sleep_until(ttl_ends + 0.1)
     assert await begin(store, record) == Expired("unknown", 0)
