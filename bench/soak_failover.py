@@ -14,7 +14,9 @@ persists anything: the replicas carry the records.
 A probe measures what each switch costs a writer like the proxies. It writes a sequence
 number to the primary every few milliseconds, acknowledged the way the proxies' begins and
 completes are (`WAIT min_replicas_ack`, with half the store timeout), and finds the primary
-as they do, by asking the sentinels. Per switch: the downtime (from the last write the old
+as they do, by asking the sentinels when it connects and again every
+`PRIMARY_CHECK_INTERVAL` (so that a primary the sentinels replaced while it kept running is
+left as the proxies leave it). Per switch: the downtime (from the last write the old
 primary acknowledged to the first one the new primary acknowledged) and the loss: the
 acknowledged writes the new primary does not have, and how long before the SIGKILL the oldest
 of them was acknowledged (the loss window). The replication stream is one ordered stream, so
@@ -36,6 +38,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from proxy.store.topology import PRIMARY_CHECK_INTERVAL
 from tests.support.ports import LOOPBACK
 from tests.support.topologies import (
     SERVICE,
@@ -94,9 +97,14 @@ class WriteProbe:
     _client: redis.asyncio.Redis | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        checked = time.monotonic()
         try:
             while not stop.is_set():
                 try:
+                    if time.monotonic() - checked >= PRIMARY_CHECK_INTERVAL:
+                        checked = time.monotonic()
+                        if await asyncio.to_thread(self.group.master_port) != self._port:
+                            await self.disconnect()  # the next write finds the new primary
                     await self.write()
                 except (redis.RedisError, OSError, TimeoutError):
                     await self.disconnect()
