@@ -329,24 +329,15 @@ def observe_upstream(route: str, seconds: float) -> None:
     histogram.observe(seconds)
 
 
-# The request latencies a dashboard panel reads (deploy/grafana: p50 and p99 of forwarded
-# requests) exist from the first scrape; the other outcomes' histograms appear with their
-# first request. Declaring all of them tripled the exposition: each scrape then held the
-# event loop for about 20 ms per route.
-_DECLARED_DURATIONS: Final = frozenset({RequestOutcome.FORWARDED})
-
-
 def declare_routes(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
-    """Create the series of each (route id, protected methods) at 0: every outcome's count,
-    the forwarded latency, the upstream duration, the unrecorded responses and the
+    """Create the series of each (route id, protected methods) at 0: every outcome's count
+    and latency (the latency alert sums them all, and a series born with its first request
+    loses that request to `rate()`), the upstream duration, the unrecorded responses and the
     observe-mode counts. At start, and for new routes on reload."""
     for route, methods in routes:
         for method in methods:
             for outcome in OUTCOMES:
-                if outcome in _DECLARED_DURATIONS:
-                    _request_series(route, method_label(method), outcome)
-                else:
-                    REQUESTS.labels(route, method_label(method), outcome)
+                _request_series(route, method_label(method), outcome)
         _upstream_series(route)
         UNRECORDED.labels(route)
         OBSERVED_REQUESTS.labels(route)
@@ -403,8 +394,8 @@ _rendering: asyncio.Task[bytes] | None = None
 
 async def render() -> bytes:
     """The exposition text for a scrape. The batched updates are handed over on the loop;
-    the text is written in a thread, so a scrape (a few ms per route) does not hold up the
-    requests the loop is serving. Scrapes that come while one is being written share it
+    the text is written in a thread, so the requests the loop is serving go on between its
+    slices of the GIL instead of waiting for the whole scrape (a few ms per route). Scrapes that come while one is being written share it
     (`/metrics` is open to anyone who reaches the admin listener: a crowd of scrapes must
     not become a crowd of threads)."""
     global _rendering
