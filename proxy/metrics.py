@@ -395,9 +395,9 @@ _rendering: asyncio.Task[bytes] | None = None
 async def render() -> bytes:
     """The exposition text for a scrape. The batched updates are handed over on the loop;
     the text is written in a thread, so the requests the loop is serving go on between its
-    slices of the GIL instead of waiting for the whole scrape (a few ms per route). Scrapes that come while one is being written share it
-    (`/metrics` is open to anyone who reaches the admin listener: a crowd of scrapes must
-    not become a crowd of threads)."""
+    slices of the GIL instead of waiting for the whole scrape (a few ms per route). Scrapes
+    that come while one is being written share it (`/metrics` is open to anyone who reaches
+    the admin listener: a crowd of scrapes must not become a crowd of threads)."""
     global _rendering
     if _rendering is None or _rendering.done():
         flush()
