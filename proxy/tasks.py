@@ -9,6 +9,7 @@ task ends, names it for debugging, and lets shutdown wait for whatever is still 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -37,3 +38,11 @@ async def drain(prefix: str, timeout: float) -> int:
         _done, still = await asyncio.wait(pending, timeout=timeout)
         return len(still)
     return 0
+
+
+async def stop(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` (if there is one) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

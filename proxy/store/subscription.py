@@ -40,7 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from proxy.store.connection import DEFAULT_HEALTH_CHECK_INTERVAL
 from proxy.store.topology import ClusterBatcher
 from proxy.store.watchers import Watchers
-from proxy.tasks import spawn
+from proxy.tasks import spawn, stop
 
 # Re-opening a lost subscription: first after this long, then backing off.
 _RECONNECT_FIRST = 0.05
@@ -213,10 +213,7 @@ class Subscription:
 
     async def close(self) -> None:
         self._closed = True
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        await stop(self._runner)
         await self._drop()
 
 

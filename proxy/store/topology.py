@@ -50,7 +50,7 @@ from proxy.store.connection import (
     disable_retries,
 )
 from proxy.store_url import Topology, parse_topology
-from proxy.tasks import spawn
+from proxy.tasks import spawn, stop
 
 # Redirects followed for one command before it fails (a slot moving twice under one command).
 MAX_REDIRECTS = 2
@@ -190,10 +190,7 @@ class _SentinelPool(SentinelConnectionPool):
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._follow_task is not None:
-            self._follow_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow_task
+        await stop(self._follow_task)
         try:
             await super().aclose()
         finally:
